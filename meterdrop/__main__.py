@@ -1,0 +1,3 @@
+from meterdrop.cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""The ``meterdrop`` command: the one place where the file servers and the processor meet."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import duckdb
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from processor.ingest import Ingester, Outcome, expand
+from processor.store import Store
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _data_dir_option(f: Any) -> Any:
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="METERDROP_DATA_DIR",
+        default=Path("data"),
+        show_default=True,
+        help="Where meterdrop keeps its database, drops and users (env METERDROP_DATA_DIR).",
+    )(f)
+
+
+def _db_option(f: Any) -> Any:
+    return click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Database file [default: DATA_DIR/meterdrop.duckdb].",
+    )(f)
+
+
+def _database(data_dir: Path, db: Path | None) -> Path:
+    return db if db is not None else data_dir / "meterdrop.duckdb"
+
+
+def _open_existing(path: Path) -> Store:
+    if not path.exists():
+        raise click.UsageError(
+            f"no database at {path}: run `meterdrop ingest PATH` first, or point --db / --data-dir at one"
+        )
+    try:
+        return Store(path, read_only=True)
+    except duckdb.IOException as error:
+        raise click.ClickException(f"cannot open {path}: {error}") from None
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="meterdrop")
+def main() -> None:
+    """meterdrop: a self-hosted drop box for energy data.
+
+    Vendors' export jobs and people deliver files; meterdrop parses every complete file
+    into one DuckDB database where the newest delivery of each reading wins.
+
+    \b
+    Examples:
+      meterdrop ingest exports/                 load every file under exports/
+      meterdrop status                          what was loaded, what was refused and why
+      meterdrop query "SELECT count(*) FROM panoramic_measurements"
+    """
+
+
+_STYLE = {"ingested": "green", "duplicate": "cyan", "unchanged": "dim", "rejected": "bold red"}
+
+
+def _outcome_line(outcome: Outcome) -> str:
+    style = _STYLE[outcome.status]
+    what = f"[{style}]{outcome.status:<9}[/{style}] {outcome.path}"
+    if outcome.status == "ingested":
+        what += f"  ({outcome.format}, {outcome.rows:,} rows)"
+        if outcome.detail:
+            what += f"  note: {outcome.detail}"
+    elif outcome.detail:
+        what += f"  ({outcome.detail})" if outcome.status != "rejected" else f": {outcome.detail}"
+    return what
+
+
+@main.command(context_settings=CONTEXT)
+@_data_dir_option
+@_db_option
+@click.option("--quiet", "-q", is_flag=True, help="Print only rejected files.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+def ingest(data_dir: Path, db: Path | None, quiet: bool, paths: Sequence[Path]) -> None:
+    """Load files into the database, newest delivery of each reading winning.
+
+    PATHS are files or folders (searched recursively; hidden names are skipped). The
+    format is detected from each file's content, never from its name. Each file is
+    loaded whole or not at all and recorded in the `files` ledger as ingested,
+    duplicate (same content as a file already loaded) or rejected with the reason.
+    Files are never moved or deleted.
+
+    Exit status: 0 when every file was ingested or already known, 1 when any file was
+    rejected, 2 on a usage error.
+
+    \b
+    Example:
+      meterdrop ingest --data-dir /srv/meterdrop exports/Measurements/
+    """
+    database = _database(data_dir, db)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    files = list(expand(paths))
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    rejected = 0
+    started = time.perf_counter()
+    rows_total = 0
+    try:
+        store = Store(database)
+    except duckdb.IOException as error:
+        raise click.ClickException(
+            f"cannot open {database} for writing: {error}. Is `meterdrop serve` or another process "
+            "holding it? Stop it or drop the files into the served folder instead."
+        ) from None
+    with (
+        store,
+        Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            disable=len(files) == 0 or not sys.stderr.isatty(),
+        ) as progress,
+    ):
+        task = progress.add_task("ingesting", total=len(files), rate="")
+
+        def on_rows(n: int) -> None:
+            nonlocal rows_total
+            rows_total += n
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            progress.update(task, rate=f"{rows_total / elapsed:,.0f} rows/s")
+
+        ingester = Ingester(store, on_rows=on_rows)
+        for index, path in enumerate(files, 1):
+            outcome = ingester.ingest(path)
+            rejected += outcome.status == "rejected"
+            if not quiet or outcome.status == "rejected":
+                console.print(_outcome_line(outcome))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, description=f"ingesting ({index / elapsed:,.1f} files/s)")
+    elapsed = time.perf_counter() - started
+    click.echo(
+        f"{len(files)} file(s), {rejected} rejected, {rows_total:,} rows in {elapsed:.1f}s "
+        f"({rows_total / max(elapsed, 1e-9):,.0f} rows/s) into {database}",
+        err=True,
+    )
+    sys.exit(1 if rejected else 0)
+
+
+@main.command(context_settings=CONTEXT)
+@_data_dir_option
+@_db_option
+@click.option("--rejects", default=10, show_default=True, help="How many of the latest rejects to list.")
+def status(data_dir: Path, db: Path | None, rejects: int) -> None:
+    """What the ledger holds: counts by status and format, latest rejects, newest deliveries.
+
+    \b
+    Example:
+      meterdrop status --data-dir /srv/meterdrop
+    """
+    with _open_existing(_database(data_dir, db)) as store:
+        con = store.con
+        console = Console(highlight=False)
+        counts = Table(title="Files by status and format")
+        for name in ("status", "format", "files", "rows"):
+            counts.add_column(name, justify="right" if name in ("files", "rows") else "left")
+        for status_, fmt, files, rows in con.execute(
+            "SELECT status, coalesce(format, '-'), count(*), coalesce(sum(rows), 0) FROM files "
+            "GROUP BY ALL ORDER BY ALL"
+        ).fetchall():
+            counts.add_row(status_, fmt, f"{files:,}", f"{rows:,}")
+        console.print(counts)
+        newest = Table(title="Newest delivery per format")
+        newest.add_column("format")
+        newest.add_column("delivered_at (UTC)")
+        newest.add_column("path")
+        for fmt, delivered, path in con.execute(
+            "SELECT format, delivered_at, path FROM files WHERE status = 'ingested' "
+            "QUALIFY row_number() OVER (PARTITION BY format ORDER BY delivered_at DESC, path DESC) = 1 "
+            "ORDER BY format"
+        ).fetchall():
+            newest.add_row(fmt, delivered.isoformat(sep=" "), path)
+        console.print(newest)
+        latest = con.execute(
+            "SELECT first_seen_at, path, error FROM files WHERE status = 'rejected' "
+            "ORDER BY first_seen_at DESC, id DESC LIMIT ?",
+            [rejects],
+        ).fetchall()
+        if latest:
+            bad = Table(title=f"Latest {len(latest)} rejected file(s)")
+            bad.add_column("seen (UTC)")
+            bad.add_column("path")
+            bad.add_column("reason")
+            for seen, path, error in latest:
+                bad.add_row(seen.strftime("%Y-%m-%d %H:%M:%S"), path, error)
+            console.print(bad)
+        else:
+            console.print("No rejected files.")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+@main.command(context_settings=CONTEXT)
+@_data_dir_option
+@_db_option
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="How to print the result.",
+)
+@click.argument("sql")
+def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
+    """Run one SQL statement against the database, read-only, and print the result.
+
+    Times are TIMESTAMPTZ and print in UTC.
+
+    \b
+    Examples:
+      meterdrop query "SELECT device_name, sum(energy_wh) FROM panoramic_measurements GROUP BY ALL"
+      meterdrop query --format csv "SELECT * FROM energy_readings" > readings.csv
+    """
+    with _open_existing(_database(data_dir, db)) as store:
+        try:
+            relation = store.con.execute(sql)
+        except duckdb.Error as error:
+            raise click.ClickException(str(error)) from None
+        columns = [d[0] for d in relation.description or []]
+        rows = relation.fetchall()
+    if output == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[_plain(v) for v in row] for row in rows])
+    elif output == "json":
+        json.dump(
+            [{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows],
+            sys.stdout,
+            indent=None,
+        )
+        sys.stdout.write("\n")
+    else:
+        table = Table(show_lines=False)
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*("NULL" if v is None else str(_plain(v)) for v in row))
+        Console(highlight=False).print(table)

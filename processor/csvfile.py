@@ -1,0 +1,150 @@
+"""Reading a delivered CSV in bounded pieces, with the checks polars leaves to us.
+
+A 1 GB export must not need gigabytes of memory, so the file is cut into blocks at
+line ends that lie outside quoted fields and each block is parsed on its own.  Polars
+fills a short row with empty strings instead of failing, so every block is also checked
+for its field count; only when a check fails is the slow, exact diagnosis run that
+names the offending line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import polars as pl
+
+from processor.errors import Rejected, at_line
+
+HEADER_LIMIT = 64 * 1024
+BLOCK_SIZE = 64 * 1024 * 1024
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Header:
+    """The first line of a CSV: its cells and where the data starts."""
+
+    names: list[str]
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """Parsed rows of one piece of the file, all columns as stripped strings."""
+
+    frame: pl.DataFrame
+    first_line: int  # physical line number of the block's first row
+
+
+def read_header(head: bytes) -> Header:
+    """Split the first line of ``head`` into header cells.
+
+    Raises Rejected with "unrecognised format" when the bytes are not text with a line.
+    """
+    start = len(BOM) if head.startswith(BOM) else 0
+    end = head.find(b"\n", start)
+    if end < 0:
+        if len(head) >= HEADER_LIMIT:
+            raise Rejected(f"unrecognised format: no line break in the first {HEADER_LIMIT} bytes")
+        end = len(head)
+    line = head[start:end]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("unrecognised format: first line is not UTF-8 text") from None
+    names = next(csv.reader([text.rstrip("\r")]), [])
+    return Header(names=names, data_offset=min(end + 1, len(head)))
+
+
+def _cut(buffer: bytes) -> int:
+    """Index just past the last line end in ``buffer`` that is outside quotes, or 0."""
+    cut = buffer.rfind(b"\n")
+    while cut >= 0:
+        if buffer.count(b'"', 0, cut) % 2 == 0:
+            return cut + 1
+        cut = buffer.rfind(b"\n", 0, cut)
+    return 0
+
+
+def _raw_blocks(stream: BinaryIO, block_size: int) -> Iterator[bytes]:
+    """Pieces of the stream that each end at a record boundary (the last one may not)."""
+    carry = b""
+    while True:
+        chunk = stream.read(block_size)
+        if not chunk:
+            if carry:
+                yield carry
+            return
+        buffer = carry + chunk
+        cut = _cut(buffer)
+        if cut == 0:
+            carry = buffer
+            continue
+        yield buffer[:cut]
+        carry = buffer[cut:]
+
+
+def _diagnose(data: bytes, first_line: int, width: int) -> str | None:
+    """Find the first record in ``data`` that is not UTF-8 or whose field count is not ``width``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return at_line(first_line + data.count(b"\n", 0, error.start), "not UTF-8 text")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    line_start = first_line
+    for record in reader:
+        line_end = first_line + reader.line_num - 1
+        if record and len(record) != width:
+            truncated = not text.endswith("\n") and line_end == first_line + text.count("\n")
+            hint = " (the last line is cut off: was the file still being written?)" if truncated else ""
+            return at_line(line_start, f"expected {width} fields, found {len(record)}{hint}")
+        line_start = line_end + 1
+    return None
+
+
+def _parse(data: bytes, first_line: int, width: int) -> pl.DataFrame:
+    names = [f"c{i}" for i in range(width)]
+    try:
+        frame = pl.read_csv(
+            io.BytesIO(data),
+            has_header=False,
+            new_columns=names,
+            schema={name: pl.String for name in names},
+            empty_string_is_null=False,
+            truncate_ragged_lines=False,
+            raise_if_empty=False,
+        )
+    except pl.exceptions.PolarsError as error:
+        raise Rejected(
+            _diagnose(data, first_line, width) or f"CSV error near line {first_line}: {error}"
+        ) from None
+    # Polars pads short rows with empty strings; the separators tell whether any row was short.
+    expected = frame.height * (width - 1)
+    if b'"' in data:
+        expected += frame.select(
+            pl.sum_horizontal(pl.all().str.count_matches(",", literal=True).sum())
+        ).item()
+    if data.count(b",") != expected:
+        raise Rejected(_diagnose(data, first_line, width) or f"line {first_line}: field count mismatch")
+    # Panoramic writes "a, b, c": strip only the columns that carry spaces (it is costly).
+    padded = frame.select((pl.all().str.starts_with(" ") | pl.all().str.ends_with(" ")).any()).row(0)
+    return frame.with_columns(
+        pl.col(n).str.strip_chars() for n, pad in zip(names, padded, strict=True) if pad
+    )
+
+
+def read_blocks(path: Path, header: Header, block_size: int = BLOCK_SIZE) -> Iterator[Block]:
+    """Parse the data rows of a CSV file block by block, every cell a stripped string."""
+    width = len(header.names)
+    line = 2
+    with path.open("rb") as stream:
+        stream.seek(header.data_offset)
+        for data in _raw_blocks(stream, block_size):
+            frame = _parse(data, line, width)
+            yield Block(frame=frame, first_line=line)
+            line += data.count(b"\n")

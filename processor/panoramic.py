@@ -1,0 +1,237 @@
+"""Panoramic Power export files: which category a header belongs to, and typed rows.
+
+The vendor does not document file names, so the category comes from the header alone
+(formats.md section 1).  Values are turned into typed polars columns here; a value that
+does not convert rejects the whole file with the line it sits on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+
+from processor.errors import Rejected, at_line
+from processor.headers import HeaderField
+
+Kind = Literal["text", "int", "float", "time"]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class MeasurementFormat:
+    """One export category: its table, columns in table order, and its reading key."""
+
+    name: str  # ledger format name
+    label: str  # as the vendor calls it
+    table: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...]
+
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _cols(spec: str) -> tuple[Column, ...]:
+    out = []
+    for item in spec.split():
+        name, kind = item.split(":")
+        out.append(Column(name, kind))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+MEASUREMENTS = MeasurementFormat(
+    "panoramic_measurements",
+    "Measurements",
+    "panoramic_measurements",
+    _cols(
+        "device_id:text device_name:text measurement_time:time resolution_minutes:int "
+        "site_id:text site_name:text current_a:float voltage_v:float power_w:float "
+        "power_factor:float energy_wh:float"
+    ),
+    ("device_id", "measurement_time", "resolution_minutes"),
+)
+
+PAN42 = MeasurementFormat(
+    "pan42_measurements",
+    "PAN-42 Measurements",
+    "pan42_measurements",
+    _cols(
+        "device_id:text device_name:text measurement_time:time resolution_minutes:int "
+        "site_id:text site_name:text phase:text current_a:float voltage_v:float power_w:float "
+        "power_factor:float energy_wh:float reactive_power_var:float "
+        "consumed_active_energy_wh:float frequency_hz:float"
+    ),
+    ("device_id", "measurement_time", "resolution_minutes", "phase"),
+)
+
+PULSE_METER = MeasurementFormat(
+    "pulse_meter_measurements",
+    "Pulse Meter Measurements",
+    "pulse_meter_measurements",
+    _cols(
+        "meter_id:text meter_type:text meter_name:text meter_unit:text measurement_time:time "
+        "resolution_minutes:int site_id:text site_name:text power_w:float energy_wh:float "
+        "flow:float volume:float"
+    ),
+    ("meter_id", "measurement_time", "resolution_minutes"),
+)
+
+MEASUREMENT_FORMATS = (MEASUREMENTS, PAN42, PULSE_METER)
+_PAN42_ONLY = {"phase", "reactive_power_var", "consumed_active_energy_wh", "frequency_hz"}
+
+# Columns that mark a Catalog snapshot; the vendor does not publish its CSV layout.
+_CATALOG_ID_PRIORITY = (
+    "id", "entity_id", "device_id", "panel_id", "zone_id", "site_id", "account_id",
+)  # fmt: skip
+
+
+def detect(fields: list[HeaderField]) -> MeasurementFormat | Literal["catalog"] | None:
+    """The Panoramic category of a header, or None when it is none of them."""
+    names = {f.column for f in fields}
+    if "measurement_time" in names:
+        if "meter_id" in names:
+            return PULSE_METER
+        if "device_id" in names:
+            return PAN42 if names & _PAN42_ONLY else MEASUREMENTS
+        return None
+    has_id = any(n == "id" or n.endswith("_id") for n in names)
+    has_name = any(n == "name" or n.endswith("_name") for n in names)
+    has_type = any(n == "type" or n.endswith(("_type", "_category")) for n in names)
+    return "catalog" if has_id and has_name and has_type else None
+
+
+MISSING = ("", "N/A", "n/a", "N/a", "n/A")
+
+
+def _null_if_missing(raw: pl.Expr) -> pl.Expr:
+    """Empty cells and the vendor's ``N/A`` are missing values."""
+    return pl.when(raw.is_in(MISSING)).then(None).otherwise(raw)
+
+
+_TIME_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",  # no offset: the column is documented as UTC
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+)
+
+
+def _parse_time(raw: pl.Expr, first_try_only: bool) -> pl.Expr:
+    tries = _TIME_FORMATS[:1] if first_try_only else _TIME_FORMATS
+    parsed = [raw.str.to_datetime(fmt, time_unit="us", time_zone="UTC", strict=False) for fmt in tries]
+    return parsed[0] if len(parsed) == 1 else pl.coalesce(parsed)
+
+
+def _typed(column: Column, raw: pl.Expr, factor: float, first_try_only: bool) -> pl.Expr:
+    if column.kind == "text":
+        return raw
+    if column.kind == "time":
+        return _parse_time(raw, first_try_only)
+    number = raw.cast(pl.Float64, strict=False)
+    if column.kind == "int":
+        return pl.when(number == number.round()).then(number).otherwise(None).cast(pl.Int32, strict=False)
+    return number * factor if factor != 1.0 else number
+
+
+def _unknown_columns(fmt: MeasurementFormat, fields: Iterable[HeaderField]) -> list[str]:
+    known = set(fmt.column_names())
+    return [f.raw.strip() for f in fields if f.column not in known]
+
+
+def check_header(fmt: MeasurementFormat, fields: list[HeaderField]) -> list[str]:
+    """Refuse headers we cannot key; return the names of columns we will not store."""
+    seen: dict[str, str] = {}
+    for f in fields:
+        if f.column in seen:
+            raise Rejected(
+                f"header names {seen[f.column]!r} and {f.raw.strip()!r} mean the same column",
+                format_name=fmt.name,
+            )
+        seen[f.column] = f.raw.strip()
+    missing = [k for k in fmt.key if k not in seen]
+    if missing:
+        raise Rejected(f"{fmt.label} file without key column(s) {', '.join(missing)}", format_name=fmt.name)
+    return _unknown_columns(fmt, fields)
+
+
+def typed_rows(
+    fmt: MeasurementFormat, fields: list[HeaderField], raw: pl.DataFrame, first_line: int
+) -> pl.DataFrame:
+    """Typed rows in table column order plus ``source_line``, or Rejected naming the line."""
+    by_column = {f.column: (f"c{i}", f) for i, f in enumerate(fields)}
+    present = [c for c in fmt.columns if c.name in by_column]
+    cleaned = raw.select(_null_if_missing(pl.col(by_column[c.name][0])).alias(c.name) for c in present)
+
+    def convert(first_try_only: bool) -> pl.DataFrame:
+        return cleaned.select(
+            _typed(c, pl.col(c.name), by_column[c.name][1].factor, first_try_only).alias(c.name)
+            for c in present
+        )
+
+    typed = convert(first_try_only=True)
+    lost = cleaned.null_count().row(0) != typed.null_count().row(0)
+    if lost:
+        typed = convert(first_try_only=False)
+        if cleaned.null_count().row(0) != typed.null_count().row(0):
+            _reject_first_bad_value(fmt, present, by_column, cleaned, typed, first_line)
+    key_nulls = typed.select(
+        pl.any_horizontal(pl.col(k).is_null() for k in fmt.key).arg_true().first()
+    ).item()
+    if key_nulls is not None:
+        row = typed.row(key_nulls, named=True)
+        empty = next(k for k in fmt.key if row[k] is None)
+        raise Rejected(
+            at_line(first_line + key_nulls, f"{by_column[empty][1].raw.strip()} is empty"),
+            format_name=fmt.name,
+        )
+    n = typed.height
+    return typed.select(
+        *(
+            pl.col(c.name) if c.name in by_column else pl.lit(None, _DTYPES[c.kind]).alias(c.name)
+            for c in fmt.columns
+        ),
+        pl.int_range(first_line, first_line + n, dtype=pl.Int64).alias("source_line"),
+    )
+
+
+_DTYPES: dict[str, pl.DataType] = {
+    "text": pl.String(),
+    "int": pl.Int32(),
+    "float": pl.Float64(),
+    "time": pl.Datetime("us", "UTC"),
+}
+
+
+def _reject_first_bad_value(
+    fmt: MeasurementFormat,
+    present: list[Column],
+    by_column: dict[str, tuple[str, HeaderField]],
+    cleaned: pl.DataFrame,
+    typed: pl.DataFrame,
+    first_line: int,
+) -> None:
+    best: tuple[int, Column] | None = None
+    for c in present:
+        bad = (cleaned[c.name].is_not_null() & typed[c.name].is_null()).arg_true()
+        if len(bad) and (best is None or bad[0] < best[0]):
+            best = (int(bad[0]), c)
+    if best is None:
+        return
+    index, column = best
+    value = cleaned[column.name][index]
+    what = {"int": "a whole number", "float": "a number", "time": "a date and time"}[column.kind]
+    raise Rejected(
+        at_line(first_line + index, f"{by_column[column.name][1].raw.strip()} value {value!r} is not {what}"),
+        format_name=fmt.name,
+    )

@@ -1,0 +1,263 @@
+"""The DuckDB database users query: reading tables, the ``files`` ledger, and the merge.
+
+Storage design (numbers in bench/README.md): one table per category holding only the
+newest version of each reading, written with ``MERGE INTO`` on the reading key and *no*
+index.  A primary-key index made every insert pay an index probe (about 0.25x DuckDB's
+own ``read_csv``); without it, MERGE is a hash join whose build side (the delivery) is
+small, and DuckDB pushes the delivery's key range into the table scan, so a correction
+of recent readings touches only recent row groups whatever the table's size.
+
+The version of a row is ``(delivered_at, source_path, source_line)``; a row replaces the
+stored one only when its version is greater, so the final table does not depend on the
+order in which deliveries are processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from processor.panoramic import MEASUREMENT_FORMATS, MeasurementFormat
+
+SCHEMA_VERSION = 1
+_BATCH_ROWS = 122_880  # DuckDB's row group size
+_SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
+PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
+_PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
+
+_LEDGER_DDL = """
+CREATE SEQUENCE IF NOT EXISTS files_id_seq START 1;
+CREATE TABLE IF NOT EXISTS files (
+    id BIGINT PRIMARY KEY,
+    path VARCHAR NOT NULL,
+    size BIGINT NOT NULL,
+    sha256 VARCHAR NOT NULL,
+    delivered_at TIMESTAMPTZ NOT NULL,
+    first_seen_at TIMESTAMPTZ NOT NULL,
+    format VARCHAR,
+    status VARCHAR NOT NULL CHECK (status IN ('ingested', 'duplicate', 'rejected')),
+    rows BIGINT,
+    error VARCHAR,
+    note VARCHAR,
+    ingested_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS meterdrop_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+"""
+
+_CATALOG_DDL = f"""
+CREATE TABLE IF NOT EXISTS panoramic_catalog (
+    entity_kind VARCHAR, entity_id VARCHAR, snapshot_date DATE, catalog_version VARCHAR,
+    {_PROVENANCE_DDL}
+);
+"""
+
+# (table, quantity column, quantity name, unit SQL)
+_READINGS: list[tuple[str, str, str]] = [
+    ("energy_wh", "energy", "'Wh'"),
+    ("power_w", "power", "'W'"),
+    ("current_a", "current", "'A'"),
+    ("voltage_v", "voltage", "'V'"),
+    ("power_factor", "power_factor", "NULL"),
+    ("reactive_power_var", "reactive_power", "'VAr'"),
+    ("consumed_active_energy_wh", "consumed_active_energy", "'Wh'"),
+    ("frequency_hz", "frequency", "'Hz'"),
+    ("flow", "flow", "meter_unit || '/h'"),
+    ("volume", "volume", "meter_unit"),
+]
+
+
+def _energy_readings_sql() -> str:
+    parts = []
+    for fmt in MEASUREMENT_FORMATS:
+        names = set(fmt.column_names())
+        is_pulse = "meter_id" in names
+        ident, label = ("meter_id", "meter_name") if is_pulse else ("device_id", "device_name")
+        phase = "phase" if "phase" in names else "NULL::VARCHAR"
+        unit_cases = " ".join(
+            f"WHEN '{column}' THEN {unit}" for column, _, unit in _READINGS if column in names
+        )
+        quantity_cases = " ".join(
+            f"WHEN '{column}' THEN '{quantity}'" for column, quantity, _ in _READINGS if column in names
+        )
+        measured = ", ".join(column for column, _, _ in _READINGS if column in names)
+        meter_unit = "meter_unit" if is_pulse else "NULL::VARCHAR AS meter_unit"
+        parts.append(f"""
+SELECT '{fmt.table}' AS source, {ident} AS meter_id, {label} AS meter_name, site_id, site_name,
+       {phase} AS phase, CASE reading {quantity_cases} END AS quantity,
+       CASE reading {unit_cases} END AS unit,
+       measurement_time AS interval_start,
+       measurement_time + to_minutes(resolution_minutes) AS interval_end,
+       value, file_id
+FROM (UNPIVOT (SELECT {ident}, {label}, site_id, site_name, {phase} AS phase, {meter_unit},
+                      measurement_time, resolution_minutes, file_id, {measured} FROM {fmt.table})
+      ON {measured} INTO NAME reading VALUE value)""")
+    return "CREATE OR REPLACE VIEW energy_readings AS" + "\nUNION ALL BY NAME".join(parts)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: int
+    path: str
+    sha256: str
+    status: str
+    format: str | None
+    rows: int | None
+    error: str | None
+    delivered_at: datetime
+    first_seen_at: datetime
+
+
+class Store:
+    """One open meterdrop database; a single writer, as DuckDB requires."""
+
+    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.con = duckdb.connect(str(path), read_only=read_only)
+        self.con.execute("SET TimeZone = 'UTC'")
+        if not read_only:
+            self._create()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -----------------------------------------------------------------
+    def _create(self) -> None:
+        with self.transaction():
+            self.con.execute(_LEDGER_DDL)
+            for fmt in MEASUREMENT_FORMATS:
+                columns = ", ".join(f"{c.name} {_SQL_TYPES[c.kind]}" for c in fmt.columns)
+                self.con.execute(f"CREATE TABLE IF NOT EXISTS {fmt.table} ({columns}, {_PROVENANCE_DDL})")
+            self.con.execute(_CATALOG_DDL)
+            self.con.execute(_energy_readings_sql())
+            self.con.execute(
+                "INSERT OR REPLACE INTO meterdrop_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All of it or none of it: a file's rows and its ledger entry commit together."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # -- ledger -----------------------------------------------------------------
+    def _entries(self, where: str, params: Sequence[Any]) -> list[LedgerEntry]:
+        rows = self.con.execute(
+            "SELECT id, path, sha256, status, format, rows, error, delivered_at, first_seen_at "
+            f"FROM files WHERE {where} ORDER BY id",
+            list(params),
+        ).fetchall()
+        return [LedgerEntry(*row) for row in rows]
+
+    def known(self, path: str, sha256: str) -> LedgerEntry | None:
+        """The ledger entry for this exact content at this path, if any."""
+        entries = self._entries("path = ? AND sha256 = ?", [path, sha256])
+        return entries[-1] if entries else None
+
+    def ingested_copy(self, sha256: str) -> LedgerEntry | None:
+        """An entry whose identical content was already ingested, under any path."""
+        entries = self._entries("sha256 = ? AND status = 'ingested'", [sha256])
+        return entries[0] if entries else None
+
+    def next_file_id(self) -> int:
+        row = self.con.execute("SELECT nextval('files_id_seq')").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def record(
+        self,
+        *,
+        file_id: int,
+        path: str,
+        size: int,
+        sha256: str,
+        delivered_at: datetime,
+        first_seen_at: datetime,
+        status: str,
+        format_name: str | None,
+        rows: int | None,
+        error: str | None,
+        note: str | None,
+    ) -> None:
+        """Write (or, for a retried reject, rewrite) one ledger entry."""
+        self.con.execute("DELETE FROM files WHERE id = ?", [file_id])
+        self.con.execute(
+            "INSERT INTO files (id, path, size, sha256, delivered_at, first_seen_at, format, status, rows, "
+            "error, note, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "CASE WHEN ? = 'rejected' THEN NULL ELSE now() END)",
+            [
+                file_id,
+                path,
+                size,
+                sha256,
+                delivered_at,
+                first_seen_at,
+                format_name,
+                status,
+                rows,
+                error,
+                note,
+                status,
+            ],
+        )
+
+    # -- readings ---------------------------------------------------------------
+    def merge(self, table: str, rows: pl.DataFrame, key: Sequence[str]) -> None:
+        """Upsert rows whose version is newer than the stored one; rows carry provenance."""
+        columns = rows.columns
+        columns = [f'"{c}"' for c in columns]
+        key = [f'"{k}"' for k in key]
+        on = " AND ".join(f"t.{k} = s.{k}" for k in key)
+        newer = (
+            "(s.delivered_at, s.source_path, s.source_line) > (t.delivered_at, t.source_path, t.source_line)"
+        )
+        assignments = ", ".join(f"{c} = s.{c}" for c in columns if c not in key)
+        # Arrow batches of a row group each let DuckDB scan the delivery on every core.
+        batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
+        self.con.register("delivery_rows", batches)
+        try:
+            self.con.execute(
+                f"MERGE INTO {table} AS t USING delivery_rows AS s ON {on} "
+                f"WHEN MATCHED AND {newer} THEN UPDATE SET {assignments} "
+                f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) "
+                f"VALUES ({', '.join('s.' + c for c in columns)})"
+            )
+        finally:
+            self.con.unregister("delivery_rows")
+
+    def merge_measurements(self, fmt: MeasurementFormat, rows: pl.DataFrame) -> None:
+        self.merge(fmt.table, rows, fmt.key)
+
+    def add_catalog_columns(self, names: Sequence[str]) -> list[str]:
+        """Make room for vendor columns first seen now; return all catalog columns in order."""
+        existing = self.table_columns("panoramic_catalog")
+        for name in names:
+            if name not in existing:
+                self.con.execute(f'ALTER TABLE panoramic_catalog ADD COLUMN "{name}" VARCHAR')
+        return self.table_columns("panoramic_catalog")
+
+    def table_columns(self, table: str) -> list[str]:
+        rows = self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+            "ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        return [r[0] for r in rows]
