@@ -107,8 +107,37 @@ def _diagnose(data: bytes, first_line: int, width: int) -> str | None:
     return None
 
 
+def _parse_spaced_quotes(data: bytes, first_line: int, width: int) -> pl.DataFrame:
+    """Rows like ``1, "Plant, North", 2``: a quote after the space opens a quoted field.
+
+    Polars only honours a quote as a field's first byte, so these blocks go through the
+    csv module (slower, exact) instead of being altered byte-wise.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(_diagnose(data, first_line, width) or "not UTF-8 text") from None
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    records = []
+    line = first_line
+    for record in reader:
+        if record:
+            if len(record) != width:
+                raise Rejected(_diagnose(data, first_line, width) or at_line(line, "wrong field count"))
+            records.append(record)
+        line = first_line + reader.line_num
+    columns = list(zip(*records, strict=True)) if records else [() for _ in range(width)]
+    frame = pl.DataFrame(
+        {f"c{i}": list(col) for i, col in enumerate(columns)},
+        schema={f"c{i}": pl.String for i in range(width)},
+    )
+    return frame.select(pl.all().str.strip_chars())
+
+
 def _parse(data: bytes, first_line: int, width: int) -> pl.DataFrame:
     names = [f"c{i}" for i in range(width)]
+    if b', "' in data:
+        return _parse_spaced_quotes(data, first_line, width)
     try:
         frame = pl.read_csv(
             io.BytesIO(data),

@@ -1,0 +1,110 @@
+"""A file with an unusable row is rejected whole, with the line, and nothing of it is stored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processor import csvfile
+from processor.store import Store
+from tests.conftest import MEASUREMENTS_HEADER, at, write_delivery
+
+GOOD = "1,a,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,3"
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ("2,b,2024-01-01T00:00:00Z,60,1,s,1,230,2,1", "line 3: expected 11 fields, found 10"),
+        ("2,b,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,3,99", "line 3: expected 11 fields, found 12"),
+        ("2,b,2024-01-01T00:00:00Z,60,1,s,1,230,two,1,3", "line 3: power(W) value 'two' is not a number"),
+        (
+            "2,b,yesterday,60,1,s,1,230,2,1,3",
+            "line 3: measurement_time(UTC) value 'yesterday' is not a date and time",
+        ),
+        (
+            "2,b,2024-13-01T00:00:00Z,60,1,s,1,230,2,1,3",
+            "line 3: measurement_time(UTC) value '2024-13-01T00:00:00Z'",
+        ),
+        (
+            "2,b,2024-01-01T00:00:00Z,7.5,1,s,1,230,2,1,3",
+            "line 3: resolution(minutes) value '7.5' is not a whole number",
+        ),
+        (",b,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,3", "line 3: device_id is empty"),
+        ("2,b,N/A,60,1,s,1,230,2,1,3", "line 3: measurement_time(UTC) is empty"),
+    ],
+)
+def test_bad_row_rejects_whole_file_naming_the_line(
+    tmp_path: Path, store: Store, ingest, bad_line: str, reason: str
+) -> None:
+    path = write_delivery(
+        tmp_path / "bad.csv", [MEASUREMENTS_HEADER, GOOD, bad_line, GOOD.replace("1,a", "3,c")]
+    )
+    outcome = ingest(path)
+    assert outcome.status == "rejected"
+    assert outcome.detail is not None and outcome.detail.startswith(reason), outcome.detail
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+    assert store.con.execute("SELECT status, rows, error FROM files").fetchall() == [
+        ("rejected", None, outcome.detail)
+    ]
+    assert path.exists()  # never moved or deleted
+
+
+def test_truncated_last_line_is_rejected(tmp_path: Path, store: Store, ingest) -> None:
+    path = write_delivery(
+        tmp_path / "cut.csv",
+        [MEASUREMENTS_HEADER, GOOD, "2,b,2024-01-01T00:15:00Z,60,1,s,1,2"],
+        final_newline=False,
+    )
+    outcome = ingest(path)
+    assert outcome.status == "rejected"
+    assert outcome.detail == (
+        "line 3: expected 11 fields, found 8 (the last line is cut off: was the file still being written?)"
+    )
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+
+
+def test_truncated_mid_timestamp_is_rejected(tmp_path: Path, ingest) -> None:
+    cut = GOOD + "\n2,b,2024-01-01T00:1"
+    path = write_delivery(tmp_path / "cut.csv", [MEASUREMENTS_HEADER, cut], final_newline=False)
+    outcome = ingest(path)
+    assert outcome.status == "rejected"
+    assert outcome.detail is not None and outcome.detail.startswith("line 3: expected 11 fields, found 3")
+
+
+def test_complete_last_line_without_newline_is_accepted(tmp_path: Path, store: Store, ingest) -> None:
+    path = write_delivery(tmp_path / "ok.csv", [MEASUREMENTS_HEADER, GOOD], final_newline=False)
+    assert ingest(path).status == "ingested"
+
+
+def test_bad_row_in_a_later_block_rolls_back_earlier_blocks(
+    tmp_path: Path, store: Store, ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks are merged as they are parsed; a reject in block 3 must undo blocks 1 and 2."""
+    monkeypatch.setattr(csvfile, "BLOCK_SIZE", 256)
+    monkeypatch.setattr(csvfile.read_blocks, "__defaults__", (256,))
+    lines = [MEASUREMENTS_HEADER] + [
+        f"{d},dev,2024-01-01T{h:02d}:00:00Z,60,1,s,1,230,2,1,3" for h in range(24) for d in range(3)
+    ]
+    lines[60] = lines[60].replace(",3", ",x")
+    outcome = ingest(write_delivery(tmp_path / "long.csv", lines, at("2024-01-02 00:00")))
+    assert outcome.status == "rejected"
+    assert outcome.detail == "line 61: energy(Wh) value 'x' is not a number"
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+
+
+def test_small_blocks_give_the_same_table_as_one_block(
+    tmp_path: Path, store: Store, ingest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cutting a file into blocks (at quoted commas and newlines) changes nothing."""
+    monkeypatch.setattr(csvfile.read_blocks, "__defaults__", (97,))
+    lines = [MEASUREMENTS_HEADER] + [
+        f'{d},"dev, {d}",2024-01-01T{h:02d}:00:00Z,60,1,"site\nwith newline",1,230,2,1,{h}'
+        for h in range(10) for d in range(2)
+    ]  # fmt: skip
+    outcome = ingest(write_delivery(tmp_path / "q.csv", lines))
+    assert (outcome.status, outcome.rows) == ("ingested", 20)
+    assert store.con.execute(
+        "SELECT count(*), count(DISTINCT device_name), min(site_name), sum(energy_wh) FROM panoramic_measurements"
+    ).fetchone() == (20, 2, "site\nwith newline", 90.0)
