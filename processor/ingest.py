@@ -89,9 +89,8 @@ class Ingester:
                 f"already {known.status} as file #{known.id}",
                 known.id,
             )
-        file_id = known.id if known else self.store.next_file_id()
         entry = {
-            "file_id": file_id, "path": name, "size": size, "sha256": sha,
+            "path": name, "size": size, "sha256": sha,
             "delivered_at": known.delivered_at if known else delivered_at,
             "first_seen_at": known.first_seen_at if known else datetime.now(UTC),
         }  # fmt: skip
@@ -99,23 +98,23 @@ class Ingester:
         if copy is not None:
             detail = f"same content as file #{copy.id} {copy.path}"
             with self.store.transaction():
-                self.store.record(
-                    **entry, status="duplicate", format_name=copy.format, rows=0, error=None, note=detail
-                )
+                file_id = known.id if known else self.store.next_file_id()
+                self.store.record(**entry, file_id=file_id, status="duplicate", format_name=copy.format,
+                                  rows=0, error=None, note=detail)  # fmt: skip
             return Outcome(name, "duplicate", copy.format, 0, detail, file_id)
         try:
             with self.store.transaction():
+                file_id = known.id if known else self.store.next_file_id()
                 format_name, rows, note = self._load(path, file_id, entry["delivered_at"])
-                self.store.record(
-                    **entry, status="ingested", format_name=format_name, rows=rows, error=None, note=note
-                )
+                self.store.record(**entry, file_id=file_id, status="ingested", format_name=format_name,
+                                  rows=rows, error=None, note=note)  # fmt: skip
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
             reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"
             format_name = error.format_name if isinstance(error, Rejected) else None
             with self.store.transaction():
-                self.store.record(
-                    **entry, status="rejected", format_name=format_name, rows=None, error=reason, note=None
-                )
+                file_id = known.id if known else self.store.next_file_id()
+                self.store.record(**entry, file_id=file_id, status="rejected", format_name=format_name,
+                                  rows=None, error=reason, note=None)  # fmt: skip
             return Outcome(name, "rejected", format_name, 0, reason, file_id)
         return Outcome(name, "ingested", format_name, rows, note, file_id)
 

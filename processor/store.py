@@ -34,7 +34,6 @@ PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
 _PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
 
 _LEDGER_DDL = """
-CREATE SEQUENCE IF NOT EXISTS files_id_seq START 1;
 CREATE TABLE IF NOT EXISTS files (
     id BIGINT PRIMARY KEY,
     path VARCHAR NOT NULL,
@@ -178,7 +177,12 @@ class Store:
         return entries[0] if entries else None
 
     def next_file_id(self) -> int:
-        row = self.con.execute("SELECT nextval('files_id_seq')").fetchone()
+        """The id the next ledger entry will get; call it inside the file's transaction.
+
+        Not a DuckDB sequence: a sequence's position is not rolled back with the
+        transaction, and after a kill -9 it could hand out an id already in use.
+        """
+        row = self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM files").fetchone()
         assert row is not None
         return int(row[0])
 
@@ -197,8 +201,8 @@ class Store:
         error: str | None,
         note: str | None,
     ) -> None:
-        """Write (or, for a retried reject, rewrite) one ledger entry."""
-        self.con.execute("DELETE FROM files WHERE id = ?", [file_id])
+        """Write one ledger entry; a retried reject's entry is replaced under the same id."""
+        self.con.execute("DELETE FROM files WHERE id = ? AND status = 'rejected'", [file_id])
         self.con.execute(
             "INSERT INTO files (id, path, size, sha256, delivered_at, first_seen_at, format, status, rows, "
             "error, note, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "

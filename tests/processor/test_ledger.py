@@ -1,0 +1,136 @@
+"""The ``files`` ledger: every file accounted for, exactly once, even across kill -9."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+
+from processor.ingest import Ingester
+from processor.store import Store
+from tests.conftest import MEASUREMENTS_HEADER, at, write_delivery
+
+ROW = "{d},dev,2024-01-01T{h:02d}:{m:02d}:00Z,15,1,s,1,230,2,1,{e}"
+
+
+def test_ledger_columns_for_an_ingested_file(tmp_path: Path, store: Store, ingest) -> None:
+    path = write_delivery(tmp_path / "m.csv", [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)],
+                          at("2024-01-01 01:00"))  # fmt: skip
+    outcome = ingest(path)
+    row = store.con.execute(
+        "SELECT path, size, sha256, delivered_at, format, status, rows, error, first_seen_at IS NOT NULL, "
+        "ingested_at >= first_seen_at FROM files"
+    ).fetchone()
+    import hashlib
+
+    assert row == (
+        str(path), path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(), at("2024-01-01 01:00"),
+        "panoramic_measurements", "ingested", 1, None, True, True,
+    )  # fmt: skip
+    assert outcome.file_id == store.con.execute("SELECT id FROM files").fetchone()[0]
+
+
+def test_same_content_elsewhere_is_a_duplicate_and_changes_nothing(tmp_path: Path, store: Store, ingest) -> None:
+    lines = [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)]
+    first = write_delivery(tmp_path / "a" / "m.csv", lines, at("2024-01-01 01:00"))
+    copy = write_delivery(tmp_path / "b" / "m.csv", lines, at("2024-01-01 05:00"))
+    ingest(first)
+    before = store.con.execute("SELECT * FROM panoramic_measurements").fetchall()
+    outcome = ingest(copy)
+    assert outcome.status == "duplicate"
+    assert outcome.detail == f"same content as file #1 {first}"
+    assert store.con.execute("SELECT * FROM panoramic_measurements").fetchall() == before
+    assert store.con.execute("SELECT status, count(*) FROM files GROUP BY ALL ORDER BY 1").fetchall() == [
+        ("duplicate", 1), ("ingested", 1)]  # fmt: skip
+
+
+def test_seeing_the_same_file_again_adds_no_ledger_row(tmp_path: Path, store: Store, ingest) -> None:
+    path = write_delivery(tmp_path / "m.csv", [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)])
+    assert ingest(path).status == "ingested"
+    again = ingest(path)
+    assert (again.status, again.detail) == ("unchanged", "already ingested as file #1")
+    assert store.con.execute("SELECT count(*) FROM files").fetchone() == (1,)
+
+
+def test_a_rejected_file_is_retried_and_keeps_its_first_delivery_time(tmp_path: Path, store: Store) -> None:
+    path = write_delivery(tmp_path / "m.csv", [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)],
+                          at("2024-01-01 01:00"))  # fmt: skip
+    failing = Ingester(store)
+    failing._load = lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error"))  # type: ignore[method-assign]
+    outcome = failing.ingest(path)
+    assert (outcome.status, outcome.detail) == ("rejected", "cannot parse: [Errno 5] Input/output error")
+    os.utime(path, (at("2024-02-02 00:00").timestamp(),) * 2)
+    retried = Ingester(store).ingest(path)
+    assert (retried.status, retried.file_id) == ("ingested", outcome.file_id)
+    assert store.con.execute("SELECT status, delivered_at, error FROM files").fetchall() == [
+        ("ingested", at("2024-01-01 01:00"), None)]  # fmt: skip
+
+
+def test_changed_content_at_the_same_path_is_a_new_delivery(tmp_path: Path, store: Store, ingest) -> None:
+    path = tmp_path / "m.csv"
+    write_delivery(path, [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)], at("2024-01-01 01:00"))
+    ingest(path)
+    write_delivery(path, [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=2)], at("2024-01-01 02:00"))
+    assert ingest(path).status == "ingested"
+    assert store.con.execute("SELECT energy_wh, file_id FROM panoramic_measurements").fetchall() == [(2.0, 2)]
+    assert store.con.execute("SELECT count(*) FROM files").fetchone() == (2,)
+
+
+def _deliveries(folder: Path, count: int, rows: int) -> dict[tuple[int, str], float]:
+    """Overlapping deliveries; returns the expected final energy per (device, time)."""
+    expected: dict[tuple[int, str], float] = {}
+    for f in range(count):
+        lines = [MEASUREMENTS_HEADER]
+        for r in range(rows):
+            device, minute = r % 50, (f * rows + r) // 50 % 240
+            stamp = f"{minute // 60:02d}:{minute % 60:02d}"
+            lines.append(ROW.format(d=device, h=minute // 60, m=minute % 60, e=f * 100000 + r))
+            expected[(device, stamp)] = float(f * 100000 + r)
+        write_delivery(folder / f"d{f:03d}.csv", lines, at("2024-01-02 00:00").replace(minute=f))
+    return expected
+
+
+def test_kill_9_at_any_moment_then_run_again_holds_every_row_exactly_once(tmp_path: Path) -> None:
+    """The real CLI is killed while it works; a second run finishes, and nothing is doubled or lost."""
+    drops = tmp_path / "drop"
+    drops.mkdir()
+    expected = _deliveries(drops, count=40, rows=3000)
+    db = tmp_path / "meterdrop.duckdb"
+    command = [sys.executable, "-m", "meterdrop", "ingest", "--db", str(db), str(drops)]
+    rng = random.Random(20261121)
+    kills = 0
+    for _ in range(6):
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+            assert proc.stdout is not None
+            # Wait for a random number of outcome lines (real progress), then kill mid-work.
+            for _ in range(rng.randint(0, 4)):
+                if not proc.stdout.readline():
+                    break
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+    assert kills >= 3
+    final = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert final.returncode == 0, final.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        got = {
+            (int(d), t): e
+            for d, t, e in con.execute(
+                "SELECT device_id, strftime(measurement_time, '%H:%M'), energy_wh FROM panoramic_measurements"
+            ).fetchall()
+        }
+        assert got == expected
+        assert con.execute("SELECT count(*), count(DISTINCT path), sum(rows) FROM files").fetchone() == (
+            40, 40, 40 * 3000)  # fmt: skip
+        assert con.execute("SELECT DISTINCT status FROM files").fetchall() == [("ingested",)]
+        # Rows and ledger agree: every stored row points at an ingested file.
+        assert con.execute(
+            "SELECT count(*) FROM panoramic_measurements m ANTI JOIN files f ON f.id = m.file_id"
+        ).fetchone() == (0,)
