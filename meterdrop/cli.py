@@ -15,6 +15,7 @@ from typing import Any
 import click
 import duckdb
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -80,13 +81,14 @@ _STYLE = {"ingested": "green", "duplicate": "cyan", "unchanged": "dim", "rejecte
 
 def _outcome_line(outcome: Outcome) -> str:
     style = _STYLE[outcome.status]
-    what = f"[{style}]{outcome.status:<9}[/{style}] {outcome.path}"
+    what = f"[{style}]{outcome.status:<9}[/{style}] {escape(outcome.path)}"
     if outcome.status == "ingested":
         what += f"  ({outcome.format}, {outcome.rows:,} rows)"
         if outcome.detail:
-            what += f"  note: {outcome.detail}"
+            what += f"  note: {escape(outcome.detail)}"
     elif outcome.detail:
-        what += f"  ({outcome.detail})" if outcome.status != "rejected" else f": {outcome.detail}"
+        detail = escape(outcome.detail)
+        what += f"  ({detail})" if outcome.status != "rejected" else f": {detail}"
     return what
 
 
@@ -176,7 +178,7 @@ def status(data_dir: Path, db: Path | None, rejects: int) -> None:
     """
     with _open_existing(_database(data_dir, db)) as store:
         con = store.con
-        console = Console(highlight=False)
+        console = _report_console()
         counts = Table(title="Files by status and format")
         for name in ("status", "format", "files", "rows"):
             counts.add_column(name, justify="right" if name in ("files", "rows") else "left")
@@ -212,6 +214,11 @@ def status(data_dir: Path, db: Path | None, rejects: int) -> None:
             console.print(bad)
         else:
             console.print("No rejected files.")
+
+
+def _report_console() -> Console:
+    """A console for tables: as wide as the terminal, or unlimited when piped, so no value is cut."""
+    return Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 100_000)
 
 
 def _plain(value: Any) -> Any:
@@ -270,4 +277,4 @@ def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
             table.add_column(column)
         for row in rows:
             table.add_row(*("NULL" if v is None else str(_plain(v)) for v in row))
-        Console(highlight=False).print(table)
+        _report_console().print(table)

@@ -21,7 +21,7 @@ from processor import catalog, panoramic
 from processor.csvfile import HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
 from processor.headers import normalise_all
-from processor.store import PROVENANCE, Store
+from processor.store import PROVENANCE, Delivery, Store
 
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 RowsCallback = Callable[[int], None]
@@ -89,33 +89,33 @@ class Ingester:
                 f"already {known.status} as file #{known.id}",
                 known.id,
             )
-        entry = {
-            "path": name, "size": size, "sha256": sha,
-            "delivered_at": known.delivered_at if known else delivered_at,
-            "first_seen_at": known.first_seen_at if known else datetime.now(UTC),
-        }  # fmt: skip
+        entry = Delivery(
+            name, size, sha,
+            delivered_at=known.delivered_at if known else delivered_at,
+            first_seen_at=known.first_seen_at if known else datetime.now(UTC),
+        )  # fmt: skip
         copy = self.store.ingested_copy(sha)
         if copy is not None:
             detail = f"same content as file #{copy.id} {copy.path}"
             with self.store.transaction():
                 file_id = known.id if known else self.store.next_file_id()
-                self.store.record(**entry, file_id=file_id, status="duplicate", format_name=copy.format,
+                self.store.record(entry, file_id=file_id, status="duplicate", format_name=copy.format,
                                   rows=0, error=None, note=detail)  # fmt: skip
             return Outcome(name, "duplicate", copy.format, 0, detail, file_id)
         try:
             with self.store.transaction():
                 file_id = known.id if known else self.store.next_file_id()
-                format_name, rows, note = self._load(path, file_id, entry["delivered_at"])
-                self.store.record(**entry, file_id=file_id, status="ingested", format_name=format_name,
+                format_name, rows, note = self._load(path, file_id, entry.delivered_at)
+                self.store.record(entry, file_id=file_id, status="ingested", format_name=format_name,
                                   rows=rows, error=None, note=note)  # fmt: skip
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
             reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"
-            format_name = error.format_name if isinstance(error, Rejected) else None
+            rejected_as = error.format_name if isinstance(error, Rejected) else None
             with self.store.transaction():
                 file_id = known.id if known else self.store.next_file_id()
-                self.store.record(**entry, file_id=file_id, status="rejected", format_name=format_name,
+                self.store.record(entry, file_id=file_id, status="rejected", format_name=rejected_as,
                                   rows=None, error=reason, note=None)  # fmt: skip
-            return Outcome(name, "rejected", format_name, 0, reason, file_id)
+            return Outcome(name, "rejected", rejected_as, 0, reason, file_id)
         return Outcome(name, "ingested", format_name, rows, note, file_id)
 
     def _load(self, path: Path, file_id: int, delivered_at: datetime) -> tuple[str, int, str | None]:

@@ -114,6 +114,17 @@ class LedgerEntry:
     first_seen_at: datetime
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A file as the ledger identifies it: where, what content, and when it was delivered."""
+
+    path: str
+    size: int
+    sha256: str
+    delivered_at: datetime
+    first_seen_at: datetime
+
+
 class Store:
     """One open meterdrop database; a single writer, as DuckDB requires."""
 
@@ -188,13 +199,9 @@ class Store:
 
     def record(
         self,
+        delivery: Delivery,
         *,
         file_id: int,
-        path: str,
-        size: int,
-        sha256: str,
-        delivered_at: datetime,
-        first_seen_at: datetime,
         status: str,
         format_name: str | None,
         rows: int | None,
@@ -209,11 +216,11 @@ class Store:
             "CASE WHEN ? = 'rejected' THEN NULL ELSE now() END)",
             [
                 file_id,
-                path,
-                size,
-                sha256,
-                delivered_at,
-                first_seen_at,
+                delivery.path,
+                delivery.size,
+                delivery.sha256,
+                delivery.delivered_at,
+                delivery.first_seen_at,
                 format_name,
                 status,
                 rows,

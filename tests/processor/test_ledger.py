@@ -35,7 +35,9 @@ def test_ledger_columns_for_an_ingested_file(tmp_path: Path, store: Store, inges
     assert outcome.file_id == store.con.execute("SELECT id FROM files").fetchone()[0]
 
 
-def test_same_content_elsewhere_is_a_duplicate_and_changes_nothing(tmp_path: Path, store: Store, ingest) -> None:
+def test_same_content_elsewhere_is_a_duplicate_and_changes_nothing(
+    tmp_path: Path, store: Store, ingest
+) -> None:
     lines = [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)]
     first = write_delivery(tmp_path / "a" / "m.csv", lines, at("2024-01-01 01:00"))
     copy = write_delivery(tmp_path / "b" / "m.csv", lines, at("2024-01-01 05:00"))

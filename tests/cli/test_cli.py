@@ -1,0 +1,118 @@
+"""The command line as a user runs it: real processes, real files, a real database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MEASUREMENTS_HEADER, PULSE_HEADER, at, write_delivery
+
+
+def meterdrop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meterdrop", *args], capture_output=True, text=True, cwd=cwd,
+                          check=False)  # fmt: skip
+
+
+@pytest.fixture
+def drops(tmp_path: Path) -> Path:
+    folder = tmp_path / "exports"
+    write_delivery(folder / "Measurements" / "a.csv",
+                   [MEASUREMENTS_HEADER, "1,Chiller,2024-01-01T00:00:00Z,60,7,HQ,1,230,230,1,230"],
+                   at("2024-01-01 01:00"))  # fmt: skip
+    write_delivery(folder / "Pulse" / "b.csv",
+                   [PULSE_HEADER, "G1,Gas,Boiler gas,m3,2024-01-01T00:00:00Z,60,7,HQ,500,500,2,3"],
+                   at("2024-01-01 01:00"))  # fmt: skip
+    write_delivery(folder / ".partial" / "hidden.csv", ["not, a, known, export"])
+    return folder
+
+
+@pytest.mark.parametrize("command", [[], ["ingest"], ["status"], ["query"]])
+def test_every_command_explains_itself_with_an_example(command: list[str]) -> None:
+    result = meterdrop(*command, "--help")
+    assert result.returncode == 0
+    assert "Example" in result.stdout
+    assert "--data-dir" in result.stdout or not command
+
+
+def test_ingest_folder_then_status_and_query(tmp_path: Path, drops: Path) -> None:
+    result = meterdrop("ingest", "--data-dir", str(tmp_path / "data"), str(drops))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"ingested  {drops}/Measurements/a.csv  (panoramic_measurements, 1 rows)",
+        f"ingested  {drops}/Pulse/b.csv  (pulse_meter_measurements, 1 rows)",
+    ]  # hidden folders are skipped
+    assert "2 file(s), 0 rejected, 2 rows" in result.stderr
+
+    again = meterdrop("ingest", "--data-dir", str(tmp_path / "data"), str(drops / "Measurements"))
+    assert again.returncode == 0
+    assert again.stdout.startswith(f"unchanged {drops}/Measurements/a.csv  (already ingested as file #1)")
+
+    as_csv = meterdrop("query", "--data-dir", str(tmp_path / "data"), "--format", "csv",
+                       "SELECT source, meter_id, quantity, unit, interval_start, value FROM energy_readings "
+                       "WHERE quantity = 'energy' ORDER BY source")  # fmt: skip
+    assert as_csv.returncode == 0, as_csv.stderr
+    assert list(csv.reader(io.StringIO(as_csv.stdout))) == [
+        ["source", "meter_id", "quantity", "unit", "interval_start", "value"],
+        ["panoramic_measurements", "1", "energy", "Wh", "2024-01-01T00:00:00+00:00", "230.0"],
+        ["pulse_meter_measurements", "G1", "energy", "Wh", "2024-01-01T00:00:00+00:00", "500.0"],
+    ]
+    as_json = meterdrop("query", "--data-dir", str(tmp_path / "data"), "--format", "json",
+                        "SELECT device_name, interval_end FROM panoramic_measurements "
+                        "JOIN energy_readings ON meter_id = device_id WHERE quantity = 'power'")  # fmt: skip
+    assert json.loads(as_json.stdout) == [
+        {"device_name": "Chiller", "interval_end": "2024-01-01T01:00:00+00:00"}
+    ]
+    as_table = meterdrop("query", "--data-dir", str(tmp_path / "data"), "SELECT count(*) AS n FROM files")
+    assert "│ 2 │" in as_table.stdout
+
+
+def test_rejected_file_gives_exit_1_and_shows_in_status(tmp_path: Path, drops: Path) -> None:
+    bad = write_delivery(
+        drops / "bad.csv", [MEASUREMENTS_HEADER, "1,a,2024-01-01T00:00:00Z,60,1,s,1,230,x,1,3"]
+    )
+    result = meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), str(drops))
+    assert result.returncode == 1
+    assert f"rejected  {bad}: line 2: power(W) value 'x' is not a number" in result.stdout
+    status = meterdrop("status", "--db", str(tmp_path / "x.duckdb"))
+    assert status.returncode == 0, status.stderr
+    assert f"{bad} │ line 2: power(W) value 'x' is not a number" in status.stdout
+    assert "pulse_meter_measurements" in status.stdout and "rejected" in status.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ingest", "/no/such/file.csv"], "does not exist"),
+        (["ingest"], "Missing argument"),
+        (["query", "--db", "/no/such.duckdb", "SELECT 1"], "no database at /no/such.duckdb"),
+        (["status", "--db", "/no/such.duckdb"], "no database at /no/such.duckdb"),
+        (["query", "--format", "xml", "SELECT 1"], "Invalid value for '--format'"),
+    ],
+)
+def test_usage_errors_exit_2_and_say_what_to_do(args: list[str], message: str) -> None:
+    result = meterdrop(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_bad_sql_is_a_clear_error(tmp_path: Path, drops: Path) -> None:
+    meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), str(drops))
+    result = meterdrop("query", "--db", str(tmp_path / "x.duckdb"), "SELECT nope FROM files")
+    assert result.returncode == 1
+    assert 'Referenced column "nope" not found' in result.stderr
+
+
+def test_data_dir_comes_from_the_environment(tmp_path: Path, drops: Path) -> None:
+    env_dir = tmp_path / "from-env"
+    result = subprocess.run([sys.executable, "-m", "meterdrop", "ingest", str(drops)], capture_output=True,
+                            text=True, env={**__import__("os").environ, "METERDROP_DATA_DIR": str(env_dir)},
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (env_dir / "meterdrop.duckdb").exists()
