@@ -25,7 +25,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from processor.panoramic import MEASUREMENT_FORMATS, MeasurementFormat
+from processor.panoramic import MEASUREMENT_FORMATS
 
 SCHEMA_VERSION = 1
 _BATCH_ROWS = 122_880  # DuckDB's row group size
@@ -46,10 +46,49 @@ CREATE TABLE IF NOT EXISTS files (
     rows BIGINT,
     error VARCHAR,
     note VARCHAR,
-    ingested_at TIMESTAMPTZ
+    ingested_at TIMESTAMPTZ,
+    timezone VARCHAR
 );
 CREATE TABLE IF NOT EXISTS meterdrop_meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
+
+_GREENBUTTON_DDL = f"""
+CREATE TABLE IF NOT EXISTS greenbutton_intervals (
+    usage_point VARCHAR, reading_type VARCHAR, service_kind VARCHAR, flow_direction INTEGER, uom VARCHAR,
+    interval_start TIMESTAMPTZ, duration_s BIGINT, value DOUBLE, raw_value DOUBLE,
+    power_of_ten_multiplier INTEGER, cost DOUBLE, currency VARCHAR, quality VARCHAR,
+    updated_at TIMESTAMPTZ, version_at TIMESTAMPTZ, {_PROVENANCE_DDL}
+);
+CREATE TABLE IF NOT EXISTS greenbutton_usage_points (
+    usage_point VARCHAR, service_kind VARCHAR, service_kind_code INTEGER, status INTEGER,
+    tz_offset_s INTEGER, dst_offset_s INTEGER, dst_start_rule VARCHAR, dst_end_rule VARCHAR,
+    dst_start VARCHAR, dst_end VARCHAR, updated_at TIMESTAMPTZ, version_at TIMESTAMPTZ, {_PROVENANCE_DDL}
+);
+CREATE TABLE IF NOT EXISTS greenbutton_reading_types (
+    reading_type VARCHAR, uom_code INTEGER, uom VARCHAR, power_of_ten_multiplier INTEGER,
+    flow_direction INTEGER, accumulation_behaviour INTEGER, commodity INTEGER, kind INTEGER,
+    interval_length_s BIGINT, currency_code INTEGER, currency VARCHAR, data_qualifier INTEGER, phase INTEGER,
+    updated_at TIMESTAMPTZ, version_at TIMESTAMPTZ, {_PROVENANCE_DDL}
+);
+CREATE TABLE IF NOT EXISTS greenbutton_usage_summaries (
+    usage_point VARCHAR, summary VARCHAR, billing_period_start TIMESTAMPTZ, billing_period_duration_s BIGINT,
+    bill_last_period DOUBLE, bill_to_date DOUBLE, cost_additional_last_period DOUBLE, currency VARCHAR,
+    consumption_last_period DOUBLE, consumption_last_period_uom VARCHAR,
+    current_billing_period_consumption DOUBLE, current_billing_period_consumption_uom VARCHAR,
+    quality_of_reading VARCHAR, status_timestamp TIMESTAMPTZ,
+    updated_at TIMESTAMPTZ, version_at TIMESTAMPTZ, {_PROVENANCE_DDL}
+);
+"""
+
+# Green Button tables and their keys; their version is the Atom ``updated`` where the file has it.
+GREENBUTTON_KEYS: dict[str, tuple[str, ...]] = {
+    "greenbutton_intervals": ("usage_point", "reading_type", "interval_start", "duration_s"),
+    "greenbutton_usage_points": ("usage_point",),
+    "greenbutton_reading_types": ("reading_type",),
+    "greenbutton_usage_summaries": ("usage_point", "summary", "billing_period_start"),
+}
+DELIVERY_VERSION = ("delivered_at", "source_path", "source_line")
+UPDATED_VERSION = ("version_at", "source_path", "source_line")
 
 _CATALOG_DDL = f"""
 CREATE TABLE IF NOT EXISTS panoramic_catalog (
@@ -98,6 +137,17 @@ SELECT '{fmt.table}' AS source, {ident} AS meter_id, {label} AS meter_name, site
 FROM (UNPIVOT (SELECT {ident}, {label}, site_id, site_name, {phase} AS phase, {meter_unit},
                       measurement_time, resolution_minutes, file_id, {measured} FROM {fmt.table})
       ON {measured} INTO NAME reading VALUE value)""")
+    parts.append("""
+SELECT 'greenbutton_intervals' AS source, usage_point AS meter_id, reading_type AS meter_name,
+       NULL::VARCHAR AS site_id, NULL::VARCHAR AS site_name, NULL::VARCHAR AS phase,
+       CASE WHEN uom IN ('Wh', 'therm', 'BTU', 'J', 'MJ') THEN
+                CASE flow_direction WHEN 19 THEN 'energy_exported' WHEN 4 THEN 'energy_net' ELSE 'energy' END
+            WHEN uom IN ('W', 'VA') THEN 'power'
+            WHEN uom IN ('VArh', 'VAh') THEN 'reactive_energy'
+            WHEN uom IN ('m3', 'ft3', 'gal') THEN 'volume'
+            ELSE coalesce(uom, 'unknown') END AS quantity,
+       uom AS unit, interval_start, interval_start + to_seconds(duration_s) AS interval_end, value, file_id
+FROM greenbutton_intervals WHERE value IS NOT NULL""")
     return "CREATE OR REPLACE VIEW energy_readings AS" + "\nUNION ALL BY NAME".join(parts)
 
 
@@ -152,6 +202,7 @@ class Store:
                 columns = ", ".join(f"{c.name} {_SQL_TYPES[c.kind]}" for c in fmt.columns)
                 self.con.execute(f"CREATE TABLE IF NOT EXISTS {fmt.table} ({columns}, {_PROVENANCE_DDL})")
             self.con.execute(_CATALOG_DDL)
+            self.con.execute(_GREENBUTTON_DDL)
             self.con.execute(_energy_readings_sql())
             self.con.execute(
                 "INSERT OR REPLACE INTO meterdrop_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
@@ -207,13 +258,14 @@ class Store:
         rows: int | None,
         error: str | None,
         note: str | None,
+        timezone: str | None = None,
     ) -> None:
         """Write one ledger entry; a retried reject's entry is replaced under the same id."""
         self.con.execute("DELETE FROM files WHERE id = ? AND status = 'rejected'", [file_id])
         self.con.execute(
             "INSERT INTO files (id, path, size, sha256, delivered_at, first_seen_at, format, status, rows, "
-            "error, note, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "CASE WHEN ? = 'rejected' THEN NULL ELSE now() END)",
+            "error, note, ingested_at, timezone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "CASE WHEN ? = 'rejected' THEN NULL ELSE now() END, ?)",
             [
                 file_id,
                 delivery.path,
@@ -227,19 +279,22 @@ class Store:
                 error,
                 note,
                 status,
+                timezone,
             ],
         )
 
     # -- readings ---------------------------------------------------------------
-    def merge(self, table: str, rows: pl.DataFrame, key: Sequence[str]) -> None:
-        """Upsert rows whose version is newer than the stored one; rows carry provenance."""
-        columns = rows.columns
-        columns = [f'"{c}"' for c in columns]
+    def merge(
+        self, table: str, rows: pl.DataFrame, key: Sequence[str], version: Sequence[str] = DELIVERY_VERSION
+    ) -> None:
+        """Upsert rows whose version is newer than the stored one; rows carry provenance.
+
+        ``rows`` must hold one row per key (the caller keeps the newest within a delivery).
+        """
+        columns = [f'"{c}"' for c in rows.columns]
         key = [f'"{k}"' for k in key]
         on = " AND ".join(f"t.{k} = s.{k}" for k in key)
-        newer = (
-            "(s.delivered_at, s.source_path, s.source_line) > (t.delivered_at, t.source_path, t.source_line)"
-        )
+        newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
         assignments = ", ".join(f"{c} = s.{c}" for c in columns if c not in key)
         # Arrow batches of a row group each let DuckDB scan the delivery on every core.
         batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
@@ -253,9 +308,6 @@ class Store:
             )
         finally:
             self.con.unregister("delivery_rows")
-
-    def merge_measurements(self, fmt: MeasurementFormat, rows: pl.DataFrame) -> None:
-        self.merge(fmt.table, rows, fmt.key)
 
     def add_catalog_columns(self, names: Sequence[str]) -> list[str]:
         """Make room for vendor columns first seen now; return all catalog columns in order."""
