@@ -11,6 +11,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
 import duckdb
@@ -79,6 +80,14 @@ def main() -> None:
 _STYLE = {"ingested": "green", "duplicate": "cyan", "unchanged": "dim", "rejected": "bold red"}
 
 
+def _outcome_lines(outcome: Outcome, indent: str = "") -> list[tuple[Outcome, str]]:
+    """One line per file; a ZIP's members follow it, indented."""
+    lines = [(outcome, indent + _outcome_line(outcome))]
+    for member in outcome.members:
+        lines += _outcome_lines(member, indent + "  ")
+    return lines
+
+
 def _outcome_line(outcome: Outcome) -> str:
     style = _STYLE[outcome.status]
     what = f"[{style}]{outcome.status:<9}[/{style}] {escape(outcome.path)}"
@@ -92,18 +101,45 @@ def _outcome_line(outcome: Outcome) -> str:
     return what
 
 
+def _any_rejected(outcome: Outcome) -> bool:
+    return outcome.status == "rejected" or any(_any_rejected(m) for m in outcome.members)
+
+
+def _check_zone(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise click.BadParameter(f"{value!r} is not an IANA time zone (e.g. America/Los_Angeles)") from None
+    return value
+
+
 @main.command(context_settings=CONTEXT)
 @_data_dir_option
 @_db_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only rejected files.")
+@click.option(
+    "--timezone",
+    "timezone",
+    envvar="METERDROP_TIMEZONE",
+    metavar="TZ",
+    callback=_check_zone,
+    help="IANA zone of local times in utility CSV downloads, e.g. America/New_York "
+    "[default: the utility's own zone (PG&E, SCE, SDG&E: America/Los_Angeles), else the "
+    "system zone; the zone used is recorded in the ledger] (env METERDROP_TIMEZONE).",
+)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def ingest(data_dir: Path, db: Path | None, quiet: bool, paths: Sequence[Path]) -> None:
+def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, paths: Sequence[Path]) -> None:
     """Load files into the database, newest delivery of each reading winning.
 
-    PATHS are files or folders (searched recursively; hidden names are skipped). The
-    format is detected from each file's content, never from its name. Each file is
-    loaded whole or not at all and recorded in the `files` ledger as ingested,
-    duplicate (same content as a file already loaded) or rejected with the reason.
+    PATHS are files, folders (searched recursively; hidden names are skipped) or ZIPs.
+    The format is detected from each file's content, never from its name: Panoramic
+    Power exports (Measurements, PAN-42, Pulse Meter, Catalog), Green Button ESPI XML,
+    utility CSV downloads (PG&E/Opower, PECO, PSE, Seattle City Light, Avangrid, SCE,
+    SDG&E), and ZIPs of them. Each file is loaded whole or not at all and recorded in
+    the `files` ledger as ingested, duplicate (same content as a file already loaded)
+    or rejected with the reason; a ZIP's members are recorded as `archive.zip!member`.
     Files are never moved or deleted.
 
     Exit status: 0 when every file was ingested or already known, 1 when any file was
@@ -148,12 +184,13 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, paths: Sequence[Path]) 
             elapsed = max(time.perf_counter() - started, 1e-9)
             progress.update(task, rate=f"{rows_total / elapsed:,.0f} rows/s")
 
-        ingester = Ingester(store, on_rows=on_rows)
+        ingester = Ingester(store, on_rows=on_rows, timezone=timezone)
         for index, path in enumerate(files, 1):
             outcome = ingester.ingest(path)
-            rejected += outcome.status == "rejected"
-            if not quiet or outcome.status == "rejected":
-                console.print(_outcome_line(outcome))
+            rejected += _any_rejected(outcome)
+            for each, line in _outcome_lines(outcome):
+                if not quiet or each.status == "rejected":
+                    console.print(line)
             elapsed = max(time.perf_counter() - started, 1e-9)
             progress.update(task, advance=1, description=f"ingesting ({index / elapsed:,.1f} files/s)")
     elapsed = time.perf_counter() - started

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,12 +20,18 @@ from typing import Literal
 import polars as pl
 
 from processor import catalog, panoramic
-from processor.csvfile import HEADER_LIMIT, read_blocks, read_header
+from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
+from processor.greenbutton import espi
+from processor.greenbutton.espi import EspiParser, refuse_dtd
+from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv
 from processor.headers import normalise_all
-from processor.store import PROVENANCE, Delivery, Store
+from processor.store import GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
+from processor.timezones import system_timezone
 
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
+STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
+ZIP_MAGIC = b"PK\x03\x04"
 RowsCallback = Callable[[int], None]
 
 
@@ -37,6 +45,7 @@ class Outcome:
     rows: int = 0
     detail: str | None = None
     file_id: int | None = None
+    members: tuple[Outcome, ...] = ()
 
 
 def _sha256(path: Path) -> str:
@@ -55,6 +64,13 @@ def _unrecognised(head: bytes, header_names: list[str]) -> Rejected:
     return Rejected(f"unrecognised format: CSV header [{shown}{more}] is not a known export")
 
 
+def looks_like_xml(head: bytes) -> bool:
+    text = head.removeprefix(BOM).lstrip()
+    return text.startswith(b"<") and (
+        b"http://naesb.org/espi" in head or b"http://www.w3.org/2005/Atom" in head
+    )
+
+
 def _sniff(head: bytes) -> None:
     """Refuse what is plainly not a CSV export before any parsing."""
     if not head:
@@ -63,32 +79,60 @@ def _sniff(head: bytes) -> None:
         raise Rejected(f"unrecognised format: binary data (starts with {head[:8].hex(' ')})")
 
 
-class Ingester:
-    """Loads files into one Store; ``on_rows`` hears of rows as blocks are written."""
+@dataclass(frozen=True)
+class Limits:
+    """What meterdrop refuses to unpack or parse, so hostile files fail fast and small."""
 
-    def __init__(self, store: Store, on_rows: RowsCallback | None = None) -> None:
+    max_file_bytes: int = 4 * 1024**3
+    max_archive_bytes: int = 4 * 1024**3  # total uncompressed size of one ZIP's members
+    max_archive_ratio: int = 200  # uncompressed / compressed, per member over 1 MiB
+    max_archive_members: int = 10_000
+    max_archive_depth: int = 3
+
+
+@dataclass(frozen=True)
+class Loaded:
+    format: str
+    rows: int
+    note: str | None = None
+    timezone: str | None = None
+
+
+class Ingester:
+    """Loads files into one Store; ``on_rows`` hears of rows as blocks are written.
+
+    ``timezone`` is the IANA zone for local-time CSV downloads (``--timezone``); when
+    None, a utility's own zone or the system zone is used and recorded in the ledger.
+    """
+
+    def __init__(self, store: Store, on_rows: RowsCallback | None = None, *, timezone: str | None = None,
+                 limits: Limits | None = None) -> None:  # fmt: skip
         self.store = store
         self.on_rows = on_rows or (lambda n: None)
+        self.timezone = timezone
+        self.limits = limits or Limits()
 
     def ingest(self, path: Path) -> Outcome:
         path = Path(os.path.abspath(path))
-        name = str(path)
+        return self._ingest(path, str(path), None, depth=0)
+
+    def _ingest(self, real: Path, name: str, delivered: datetime | None, *, depth: int) -> Outcome:
+        """One file; ``name`` is what the ledger calls it (``archive.zip!member`` for members)."""
         try:
-            size = path.stat().st_size
-            sha = _sha256(path)
-            delivered_at = delivery_time(path)
+            size = real.stat().st_size
+            if size > self.limits.max_file_bytes:
+                return self._reject_unread(name, size, delivered, f"file of {size:,} bytes is over the "
+                                           f"{self.limits.max_file_bytes:,}-byte limit")  # fmt: skip
+            sha = _sha256(real)
+            delivered_at = delivered or delivery_time(real)
+            with real.open("rb") as stream:
+                head = stream.read(HEADER_LIMIT)
         except OSError as error:
             return Outcome(name, "rejected", detail=f"cannot read file: {error.strerror or error}")
         known = self.store.known(name, sha)
         if known is not None and known.status != "rejected":
-            return Outcome(
-                name,
-                "unchanged",
-                known.format,
-                known.rows or 0,
-                f"already {known.status} as file #{known.id}",
-                known.id,
-            )
+            return Outcome(name, "unchanged", known.format, known.rows or 0,
+                           f"already {known.status} as file #{known.id}", known.id)  # fmt: skip
         entry = Delivery(
             name, size, sha,
             delivered_at=known.delivered_at if known else delivered_at,
@@ -102,63 +146,191 @@ class Ingester:
                 self.store.record(entry, file_id=file_id, status="duplicate", format_name=copy.format,
                                   rows=0, error=None, note=detail)  # fmt: skip
             return Outcome(name, "duplicate", copy.format, 0, detail, file_id)
+        if head.startswith(ZIP_MAGIC):
+            return self._ingest_archive(real, entry, known.id if known else None, depth)
         try:
             with self.store.transaction():
                 file_id = known.id if known else self.store.next_file_id()
-                format_name, rows, note = self._load(path, file_id, entry.delivered_at)
-                self.store.record(entry, file_id=file_id, status="ingested", format_name=format_name,
-                                  rows=rows, error=None, note=note)  # fmt: skip
+                loaded = self._load(real, name, head, file_id, entry.delivered_at)
+                self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
+                                  rows=loaded.rows, error=None, note=loaded.note,
+                                  timezone=loaded.timezone)  # fmt: skip
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
-            reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"
-            rejected_as = error.format_name if isinstance(error, Rejected) else None
-            with self.store.transaction():
-                file_id = known.id if known else self.store.next_file_id()
-                self.store.record(entry, file_id=file_id, status="rejected", format_name=rejected_as,
-                                  rows=None, error=reason, note=None)  # fmt: skip
-            return Outcome(name, "rejected", rejected_as, 0, reason, file_id)
-        return Outcome(name, "ingested", format_name, rows, note, file_id)
+            return self._reject(entry, known.id if known else None, error)
+        return Outcome(name, "ingested", loaded.format, loaded.rows, loaded.note, file_id)
 
-    def _load(self, path: Path, file_id: int, delivered_at: datetime) -> tuple[str, int, str | None]:
-        with path.open("rb") as stream:
-            head = stream.read(HEADER_LIMIT)
+    def _reject(self, entry: Delivery, known_id: int | None, error: Exception) -> Outcome:
+        reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"
+        rejected_as = error.format_name if isinstance(error, Rejected) else None
+        with self.store.transaction():
+            file_id = known_id or self.store.next_file_id()
+            self.store.record(entry, file_id=file_id, status="rejected", format_name=rejected_as, rows=None,
+                              error=reason, note=None)  # fmt: skip
+        return Outcome(entry.path, "rejected", rejected_as, 0, reason, file_id)
+
+    def _reject_unread(self, name: str, size: int, delivered: datetime | None, reason: str) -> Outcome:
+        """A file refused before hashing (too big to read): the ledger still gets a row."""
+        now = datetime.now(UTC)
+        entry = Delivery(name, size, "unread", delivered or now, now)
+        return self._reject(entry, None, Rejected(reason))
+
+    # -- formats -------------------------------------------------------------------------
+    def _load(self, real: Path, name: str, head: bytes, file_id: int, delivered_at: datetime) -> Loaded:
         _sniff(head)
+        provenance = [
+            pl.lit(file_id, pl.Int64).alias("file_id"),
+            pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
+            pl.lit(name).alias("source_path"),
+        ]
+        if looks_like_xml(head):
+            return self._load_espi(real, head, provenance)
         header = read_header(head)
         fields = normalise_all(header.names)
         fmt = panoramic.detect(fields)
         if fmt is None:
+            text = head.removeprefix(BOM).decode("utf-8", errors="replace")
+            if detect_utility_csv(text):
+                return self._load_utility_csv(real, provenance)
             raise _unrecognised(head, header.names)
-        provenance = [
-            pl.lit(file_id, pl.Int64).alias("file_id"),
-            pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
-            pl.lit(str(path)).alias("source_path"),
-        ]
         total = 0
         if fmt == "catalog":
             columns = self.store.add_catalog_columns(catalog.vendor_columns(fields))
             snapshot = pl.lit(delivered_at.date()).alias("snapshot_date")
-            for block in read_blocks(path, header):
+            for block in read_blocks(real, header):
                 rows = catalog.catalog_rows(fields, block.frame, block.first_line)
                 rows = rows.with_columns(snapshot, *provenance)
-                rows = rows.select(
-                    pl.col(c) if c in rows.columns else pl.lit(None, pl.String).alias(c) for c in columns
-                )
+                rows = rows.select(pl.col(c) if c in rows.columns else pl.lit(None, pl.String).alias(c)
+                                   for c in columns)  # fmt: skip
                 self._write(catalog.TABLE, rows, catalog.KEY)
                 total += block.frame.height
-            return catalog.FORMAT, total, None
+            return Loaded(catalog.FORMAT, total)
         ignored = panoramic.check_header(fmt, fields)
-        for block in read_blocks(path, header):
+        for block in read_blocks(real, header):
             rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
             rows = rows.with_columns(*provenance).select(*fmt.column_names(), *PROVENANCE)
             self._write(fmt.table, rows, fmt.key)
             total += block.frame.height
         note = f"ignored columns not in {fmt.label}: {', '.join(ignored)}" if ignored else None
-        return fmt.name, total, note
+        return Loaded(fmt.name, total, note)
 
     def _write(self, table: str, rows: pl.DataFrame, key: Iterable[str]) -> None:
         """Within a file the last row for a key wins, so only that one reaches the merge."""
         unique = rows.unique(subset=list(key), keep="last", maintain_order=False)
         self.store.merge(table, unique, list(key))
         self.on_rows(rows.height)
+
+    def _write_versioned(self, table: str, rows: pl.DataFrame) -> None:
+        """Green Button rows: the newest ``version_at`` (Atom updated) per key wins within a file."""
+        key = list(GREENBUTTON_KEYS[table])
+        unique = rows.sort("version_at", "source_line").unique(subset=key, keep="last", maintain_order=False)
+        self.store.merge(table, unique, key, UPDATED_VERSION)
+
+    def _greenbutton_rows(self, frame: pl.DataFrame, provenance: list[pl.Expr]) -> pl.DataFrame:
+        return frame.with_columns(*provenance).with_columns(
+            pl.coalesce("updated_at", "delivered_at").alias("version_at")
+        )
+
+    def _load_espi(self, real: Path, head: bytes, provenance: list[pl.Expr]) -> Loaded:
+        refuse_dtd(head)
+
+        def sink(frame: pl.DataFrame) -> None:
+            self._write_versioned("greenbutton_intervals", self._greenbutton_rows(frame, provenance))
+            self.on_rows(frame.height)
+
+        with real.open("rb") as stream:
+            result = EspiParser(sink).parse(stream)
+        for table, records in (
+            ("greenbutton_usage_points", result.usage_points),
+            ("greenbutton_reading_types", result.reading_types),
+            ("greenbutton_usage_summaries", result.summaries),
+        ):
+            if records:
+                frame = pl.DataFrame(records, infer_schema_length=None).with_columns(
+                    pl.int_range(1, len(records) + 1, dtype=pl.Int64).alias("source_line"),
+                    pl.col("updated_at").cast(pl.Datetime("us", "UTC")),
+                )
+                self._write_versioned(table, self._greenbutton_rows(frame, provenance))
+        if not result.readings and not (result.usage_points or result.reading_types or result.summaries):
+            raise Rejected("Green Button XML without any UsagePoint, ReadingType, IntervalBlock or UsageSummary",
+                           format_name=espi.FORMAT)  # fmt: skip
+        return Loaded(espi.FORMAT, result.readings)
+
+    def _load_utility_csv(self, real: Path, provenance: list[pl.Expr]) -> Loaded:
+        parsed = parse_utility_csv(
+            real.read_bytes(), timezone=self.timezone, fallback_timezone=system_timezone()
+        )
+        rows = self._greenbutton_rows(
+            parsed.intervals.with_columns(pl.lit(None, pl.Datetime("us", "UTC")).alias("updated_at")),
+            provenance,
+        )
+        self._write_versioned("greenbutton_intervals", rows)
+        self.on_rows(rows.height)
+        return Loaded("greenbutton_csv", rows.height, f"{parsed.layout} layout", parsed.timezone)
+
+    # -- archives ------------------------------------------------------------------------
+    def _ingest_archive(self, real: Path, entry: Delivery, known_id: int | None, depth: int) -> Outcome:
+        """A ZIP is one delivery: each member is a file of its own, named ``archive.zip!member``."""
+        try:
+            members = self._archive_members(real, entry, depth)
+        except (Rejected, zipfile.BadZipFile, OSError, EOFError) as error:
+            reason = error if isinstance(error, Rejected) else Rejected(f"unreadable ZIP: {error}")
+            reason.format_name = "zip"
+            return self._reject(entry, known_id, reason)
+        counts = {status: sum(m.status == status for m in members) for status in STATUSES}
+        note = f"{len(members)} member(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        rows = sum(m.rows for m in members if m.status == "ingested")
+        with self.store.transaction():
+            file_id = known_id or self.store.next_file_id()
+            self.store.record(entry, file_id=file_id, status="ingested", format_name="zip", rows=rows, error=None,
+                              note=note)  # fmt: skip
+        return Outcome(entry.path, "ingested", "zip", rows, note, file_id, tuple(members))
+
+    def _archive_members(self, real: Path, entry: Delivery, depth: int) -> list[Outcome]:
+        limits = self.limits
+        if depth >= limits.max_archive_depth:
+            raise Rejected(f"ZIP nested more than {limits.max_archive_depth} levels deep")
+        with zipfile.ZipFile(real) as archive:
+            infos = [i for i in archive.infolist() if not i.is_dir()]
+            if len(infos) > limits.max_archive_members:
+                raise Rejected(f"ZIP with {len(infos):,} members (limit {limits.max_archive_members:,})")
+            declared = sum(i.file_size for i in infos)
+            if declared > limits.max_archive_bytes:
+                raise Rejected(
+                    f"zip bomb refused: {declared:,} bytes uncompressed (limit {limits.max_archive_bytes:,})"
+                )
+            for info in infos:
+                if info.file_size > 1024**2 and info.file_size > limits.max_archive_ratio * max(
+                    info.compress_size, 1
+                ):
+                    raise Rejected(
+                        f"zip bomb refused: member {info.filename!r} expands "
+                        f"{info.file_size // max(info.compress_size, 1):,}x (limit {limits.max_archive_ratio}x)"
+                    )
+            outcomes = []
+            budget = limits.max_archive_bytes
+            with tempfile.TemporaryDirectory(prefix="meterdrop-zip-") as scratch:
+                for index, info in enumerate(infos):
+                    # Never a path taken from the member's name: a fixed name in our own folder.
+                    target = Path(scratch) / f"member-{index}"
+                    budget -= _extract(archive, info, target, budget)
+                    outcomes.append(self._ingest(target, f"{entry.path}!{info.filename}", entry.delivered_at,
+                                                 depth=depth + 1))  # fmt: skip
+                    target.unlink()
+            return outcomes
+
+
+def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int) -> int:
+    """Copy one member, refusing to write more than ``budget`` bytes whatever its header says."""
+    written = 0
+    with archive.open(info) as source, target.open("wb") as sink:
+        while chunk := source.read(1024 * 1024):
+            written += len(chunk)
+            if written > budget:
+                raise Rejected(
+                    f"zip bomb refused: member {info.filename!r} expands past the archive's size limit"
+                )
+            sink.write(chunk)
+    return written
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:

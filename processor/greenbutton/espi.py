@@ -28,7 +28,6 @@ from lxml import etree
 from processor.errors import Rejected
 from processor.greenbutton.model import (
     CURRENCIES,
-    INTERVAL_SCHEMA,
     QUALITY_NAMES,
     SERVICE_KINDS,
     UOM_SYMBOLS,
@@ -37,11 +36,17 @@ from processor.greenbutton.model import (
 ATOM = "{http://www.w3.org/2005/Atom}"
 ESPI = "{http://naesb.org/espi}"
 FORMAT = "greenbutton_xml"
-EMIT_ROWS = 100_000
 _OBJECTS = {
     "UsagePoint", "MeterReading", "ReadingType", "LocalTimeParameters", "UsageSummary",
     "ElectricPowerUsageSummary",
 }  # fmt: skip
+_BLOCK, _READING, _INTERVAL = ESPI + "IntervalBlock", ESPI + "IntervalReading", ESPI + "interval"
+_START, _DURATION = ESPI + "start", ESPI + "duration"
+_EVENT_TAGS = [
+    ATOM + "entry", ATOM + "link", ATOM + "updated", _BLOCK, *(ESPI + name for name in sorted(_OBJECTS)),
+]  # fmt: skip
+FEED_BYTES = 256 * 1024
+BATCH_READINGS = 20_000
 _WEEKDAYS = ["", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["", "January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]  # fmt: skip
@@ -128,13 +133,44 @@ def describe_dst_rule(rule: str | None) -> str | None:
     return f"{_ORDINALS[operator]} {_WEEKDAYS[weekday]} of {_MONTHS[month]} at {at}"
 
 
+_RAW = ("start", "duration", "value", "cost", "quality")
+
+
 @dataclass
 class _Block:
+    """One IntervalBlock: its interval and its readings as CSV text, not yet converted.
+
+    Conversion happens in bulk, across blocks, because a polars call per small block
+    costs more than the block's readings.
+    """
+
     start: float | None = None
     duration: int | None = None
-    readings: list[tuple[float | None, int | None, float | None, float | None, int | None, int]] = field(
-        default_factory=list
-    )
+    raw: dict[str, list[str | None]] = field(default_factory=lambda: {name: [] for name in _RAW})
+    first_ordinal: int = 0
+    count: int = 0  # readings taken so far
+    emitted: int = 0  # of which already handed on
+
+
+# One line per IntervalReading when some readings lack a field (so XPath lists would not line
+# up). Missing fields stay empty; commas and line breaks inside a value become spaces, so a
+# hostile value fails the number check instead of shifting columns.
+_READINGS_AS_CSV = etree.XSLT(
+    etree.XML(b"""\
+<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform" xmlns:e="http://naesb.org/espi">
+  <xsl:output method="text"/>
+  <xsl:param name="partial" select="0"/>
+  <xsl:template match="/">
+    <xsl:for-each select="*/e:IntervalReading[not($partial) or position() &lt; last()]">
+      <xsl:value-of select="translate(e:timePeriod/e:start, ',&#10;&#13;', '   ')"/>,<xsl:value-of
+        select="translate(e:timePeriod/e:duration, ',&#10;&#13;', '   ')"/>,<xsl:value-of
+        select="translate(e:value, ',&#10;&#13;', '   ')"/>,<xsl:value-of
+        select="translate(e:cost, ',&#10;&#13;', '   ')"/>,<xsl:value-of
+        select="translate(e:ReadingQuality[1]/e:quality, ',&#10;&#13;', '   ')"/><xsl:text>&#10;</xsl:text>
+    </xsl:for-each>
+  </xsl:template>
+</xsl:stylesheet>""")
+)
 
 
 @dataclass
@@ -157,6 +193,20 @@ class _Node:
     related: list[str]
     fields: dict[str, Any]
     updated: datetime | None
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """Where a block's readings belong and how to scale them."""
+
+    usage_point: str
+    reading_type: str
+    service_kind: str | None
+    flow_direction: int | None
+    uom: str | None
+    multiplier: int
+    currency: str | None
+    interval_length: int | None
 
 
 @dataclass
@@ -246,6 +296,49 @@ def _service_kind(usage_point: _Node | None, uom: str | None) -> str | None:
     return None
 
 
+_BUFFER_SCHEMA: dict[str, pl.DataType] = {
+    **{name: pl.String() for name in _RAW},
+    "ordinal": pl.Int64(), "position": pl.Int64(), "usage_point": pl.String(), "reading_type": pl.String(),
+    "service_kind": pl.String(), "flow_direction": pl.Int32(), "uom": pl.String(), "multiplier": pl.Int32(),
+    "currency": pl.String(), "updated_at": pl.Datetime("us", "UTC"), "block_start": pl.Float64(),
+    "step": pl.Int64(),
+}  # fmt: skip
+
+
+def _new_buffer() -> dict[str, list[Any]]:
+    return {name: [] for name in _BUFFER_SCHEMA}
+
+
+_NS = {"e": "http://naesb.org/espi"}
+_FIELD_PATHS = [
+    etree.XPath(f"e:IntervalReading/{path}/text()", namespaces=_NS, smart_strings=False)
+    for path in ("e:timePeriod/e:start", "e:timePeriod/e:duration", "e:value", "e:cost",
+                 "e:ReadingQuality[1]/e:quality")
+]  # fmt: skip
+_REPEATED_FIELDS = etree.XPath(
+    "count(e:IntervalReading[count(e:timePeriod) > 1 or count(e:timePeriod/e:start) > 1 or "
+    "count(e:timePeriod/e:duration) > 1 or count(e:value) > 1 or count(e:cost) > 1 or "
+    "count(e:ReadingQuality[1]/e:quality) > 1])",
+    namespaces=_NS,
+)
+
+
+def _reading_fields(element: Any, count: int, complete: bool) -> list[list[str | None]]:
+    """The text of the block's readings, one list per field in ``_RAW`` order.
+
+    Fast path: one XPath per field, usable when every field is present in every reading
+    or in none (the usual case). Otherwise libxslt writes one line per reading with
+    empty cells where a field is missing.
+    """
+    if complete and not _REPEATED_FIELDS(element):
+        columns: list[list[str | None]] = [path(element) for path in _FIELD_PATHS]
+        if all(len(column) in (count, 0) for column in columns):
+            return [column or [None] * count for column in columns]
+    lines = str(_READINGS_AS_CSV(element, partial="0" if complete else "1")).split("\n")[:-1]
+    cells = [line.split(",") for line in lines]
+    return [[row[i] or None for row in cells] for i in range(len(_RAW))]
+
+
 class EspiParser:
     """Streams one feed; ``sink`` receives interval rows in frames of INTERVAL_SCHEMA + updated_at."""
 
@@ -254,70 +347,76 @@ class EspiParser:
         self.graph = _Graph()
         self.pending: list[tuple[_Entry, _Block]] = []
         self.result = EspiResult()
-        self._rows: dict[str, list[Any]] = {name: [] for name in [*INTERVAL_SCHEMA, "updated_at"]}
         self._ordinal = 0
+        self._buffer = _new_buffer()
+        self._resolved: dict[tuple[str | None, str | None, bool], _Resolved] = {}
 
     # -- reading the XML ---------------------------------------------------------------
     def parse(self, stream: IO[bytes]) -> EspiResult:
+        """Feed the file in pieces; readings are taken out of the open block as they complete."""
         entry: _Entry | None = None
         block: _Block | None = None
+        block_element: Any = None
         loose = _Entry()  # objects outside any entry (a bare IntervalBlock document)
         started = False
-        context = etree.iterparse(
-            stream, events=("start", "end"), resolve_entities=False, no_network=True, load_dtd=False,
+        # Only the tags we act on reach Python; IntervalReadings are read in batches from their block.
+        parser = etree.XMLPullParser(
+            events=("start", "end"), tag=_EVENT_TAGS, resolve_entities=False, no_network=True, load_dtd=False,
             huge_tree=False, remove_comments=True, remove_pis=True,
         )  # fmt: skip
         try:
-            for event, element in context:
-                tag = element.tag
-                if not isinstance(tag, str):
-                    continue
-                if event == "start":
-                    if not started:
-                        started = True
-                        if element.getroottree().docinfo.doctype:
-                            raise Rejected(
-                                "DTD not allowed: Green Button XML must not declare a DOCTYPE",
-                                format_name=FORMAT,
-                            )
-                    if tag == ATOM + "entry":
-                        entry = _Entry()
-                    elif tag == ESPI + "IntervalBlock":
-                        block = _Block()
-                    continue
-                if tag == ESPI + "IntervalReading":
-                    if block is None:
-                        block = _Block()
-                    block.readings.append(self._reading(element))
-                    self._drop(element)
-                elif tag == ESPI + "interval" and block is not None:
-                    block.start = _float(element.findtext(ESPI + "start"))
-                    block.duration = _int(_strip(element.findtext(ESPI + "duration")))
-                elif tag == ESPI + "IntervalBlock":
-                    target = entry if entry is not None else loose
-                    if block is not None:
-                        target.blocks.append(block)
-                    block = None
-                    self._drop(element)
-                elif tag.startswith(ESPI) and _local(tag) in _OBJECTS:
-                    (entry if entry is not None else loose).objects.append((_local(tag), _children(element)))
-                elif (
-                    tag == ATOM + "link"
-                    and entry is not None
-                    and element.getparent() is not None
-                    and (element.getparent().tag == ATOM + "entry")
-                ):
-                    self._link(entry, element)
-                elif (
-                    tag == ATOM + "updated"
-                    and entry is not None
-                    and element.getparent().tag == ATOM + "entry"
-                ):
-                    entry.updated = parse_updated(element.text)
-                elif tag == ATOM + "entry" and entry is not None:
-                    self._finish_entry(entry)
-                    entry = None
-                    self._drop(element)
+            while True:
+                chunk = stream.read(FEED_BYTES)
+                if chunk:
+                    parser.feed(chunk)
+                else:
+                    parser.close()
+                for event, element in parser.read_events():
+                    tag = element.tag
+                    if event == "start":
+                        if not started:
+                            started = True
+                            if element.getroottree().docinfo.doctype:
+                                raise Rejected("DTD not allowed: Green Button XML must not declare a DOCTYPE",
+                                               format_name=FORMAT)  # fmt: skip
+                        if tag == ATOM + "entry":
+                            entry = _Entry()
+                        elif tag == _BLOCK:
+                            block, block_element = _Block(), element
+                        continue
+                    if tag == _BLOCK:
+                        if block is None:  # an IntervalBlock whose start we did not see
+                            block = _Block()
+                        self._take_readings(block, element, complete=True)
+                        (entry if entry is not None else loose).blocks.append(block)
+                        block = block_element = None
+                        self._drop(element)
+                    elif tag.startswith(ESPI) and _local(tag) in _OBJECTS:
+                        (entry if entry is not None else loose).objects.append(
+                            (_local(tag), _children(element))
+                        )
+                    elif (
+                        entry is not None
+                        and tag == ATOM + "link"
+                        and element.getparent().tag == ATOM + "entry"
+                    ):
+                        self._link(entry, element)
+                    elif (
+                        entry is not None
+                        and tag == ATOM + "updated"
+                        and element.getparent().tag == ATOM + "entry"
+                    ):
+                        entry.updated = parse_updated(element.text)
+                    elif tag == ATOM + "entry" and entry is not None:
+                        self._finish_entry(entry)
+                        entry = None
+                        self._drop(element)
+                if not chunk:
+                    break
+                if block is not None and len(block_element) > BATCH_READINGS:
+                    self._take_readings(block, block_element, complete=False)
+                    if entry is not None:
+                        self._emit_early(entry, block)
         except etree.XMLSyntaxError as error:
             line = getattr(error, "lineno", None) or (error.position[0] if error.position else "?")
             raise Rejected(f"line {line}: XML is not well-formed: {error.msg}", format_name=FORMAT) from None
@@ -350,26 +449,35 @@ class EspiParser:
         elif rel == "related":
             entry.related.append(key)
 
-    def _reading(
-        self, element: Any
-    ) -> tuple[float | None, int | None, float | None, float | None, int | None, int]:
-        start = duration = value = cost = quality = None
-        for child in element:
-            name = _local(child.tag)
-            if name == "value":
-                value = _float(child.text)
-            elif name == "cost":
-                cost = _float(child.text)
-            elif name == "timePeriod":
-                start = _float(child.findtext(ESPI + "start"))
-                duration = _int(_strip(child.findtext(ESPI + "duration")))
-            elif name == "ReadingQuality" and quality is None:
-                quality = _int(_strip(child.findtext(ESPI + "quality")))
-        self._ordinal += 1
-        return start, duration, value, cost, quality, self._ordinal
+    def _take_readings(self, block: _Block, element: Any, *, complete: bool) -> None:
+        """Copy the block's finished IntervalReadings as CSV text and free their elements.
+
+        While the block is still being parsed its last child may be incomplete, so it stays.
+        """
+        if block.start is None:
+            interval = element.find(_INTERVAL)
+            if interval is not None:
+                block.start = _float(interval.findtext(_START))
+                block.duration = _int(_strip(interval.findtext(_DURATION)))
+        readings = element.findall(_READING)
+        if not complete and readings:
+            readings = readings[:-1]
+        if not readings:
+            return
+        for name, column in zip(_RAW, _reading_fields(element, len(readings), complete), strict=True):
+            block.raw[name] += column
+        if not block.count:
+            block.first_ordinal = self._ordinal + 1
+        block.count += len(readings)
+        self._ordinal += len(readings)
+        if not complete:  # a finished block is dropped whole by the caller
+            for reading in readings:
+                element.remove(reading)
 
     # -- the graph -----------------------------------------------------------------------
     def _finish_entry(self, entry: _Entry) -> None:
+        if entry.objects:
+            self._resolved.clear()  # the graph grows: earlier answers may change
         for kind, fields in entry.objects:
             self.graph.add(
                 _Node(kind, entry.self_href or "", entry.up_href or "", entry.related, fields, entry.updated)
@@ -378,26 +486,22 @@ class EspiParser:
             if not self._emit(entry, block, final=False):
                 self.pending.append((entry, block))
 
-    def _emit(self, entry: _Entry, block: _Block, *, final: bool) -> bool:
-        """Turn a block's readings into rows once its reading type and usage point are known."""
+    def _resolve(self, entry: _Entry, final: bool) -> _Resolved | None:
+        """What a block of this entry belongs to; blocks of one collection share the answer."""
+        cache_key = (entry.self_href if not entry.up_href else None, entry.up_href, final)
+        if cache_key in self._resolved:
+            return self._resolved[cache_key]
         keys = [entry.self_href or "", entry.up_href or ""]
         meter_reading = self.graph.meter_reading(*keys)
         reading_type = self.graph.reading_type(meter_reading, final)
         up_keys = [*keys, meter_reading.self_key, meter_reading.up_key] if meter_reading else keys
         usage_point = self.graph.usage_point(up_keys, final)
         if not final and (reading_type is None or usage_point is None):
-            return False
+            return None
         rt = reading_type.fields if reading_type else {}
-        multiplier = _int(rt.get("powerOfTenMultiplier")) or 0
         uom_code = _int(rt.get("uom"))
         uom = UOM_SYMBOLS.get(uom_code, f"uom {uom_code}") if uom_code is not None else None
         currency_code = _int(rt.get("currency"))
-        currency = CURRENCIES.get(currency_code, str(currency_code)) if currency_code is not None else None
-        flow = _int(rt.get("flowDirection"))
-        interval_length = _int(rt.get("intervalLength"))
-        usage_point_name = (
-            usage_point.self_key if usage_point and usage_point.self_key else _usage_point_name(up_keys)
-        ) or "unknown"
         reading_type_name = (
             (reading_type.self_key if reading_type and reading_type.self_key else None)
             or (f"{meter_reading.self_key}#ReadingType" if meter_reading and meter_reading.self_key else None)
@@ -407,52 +511,114 @@ class EspiParser:
                 else "unknown"
             )
         )
-        service = _service_kind(usage_point, uom)
-        scale = 10.0**multiplier
-        count = len(block.readings)
-        step = interval_length or (block.duration // count if block.duration and count else None)
-        rows = self._rows
-        for index, (start, duration, value, cost, quality, ordinal) in enumerate(block.readings):
-            if start is None and block.start is not None and step is not None:
-                start = block.start + index * step
-            if duration is None:
-                duration = step
-            if start is None or duration is None:
-                raise Rejected(
-                    f"reading {ordinal}: no timePeriod, and its block has no start or interval length",
-                    format_name=FORMAT,
-                )
-            rows["usage_point"].append(usage_point_name)
-            rows["reading_type"].append(reading_type_name)
-            rows["service_kind"].append(service)
-            rows["flow_direction"].append(flow)
-            rows["uom"].append(uom)
-            rows["interval_start"].append(round(start * 1_000_000))
-            rows["duration_s"].append(duration)
-            rows["value"].append(None if value is None else value * scale)
-            rows["raw_value"].append(value)
-            rows["power_of_ten_multiplier"].append(multiplier)
-            rows["cost"].append(None if cost is None else cost / 100_000)
-            rows["currency"].append(currency if cost is not None or currency else None)
-            rows["quality"].append(
-                None if quality is None else QUALITY_NAMES.get(quality, f"quality {quality}")
+        resolved = _Resolved(
+            usage_point=(
+                usage_point.self_key if usage_point and usage_point.self_key else _usage_point_name(up_keys)
             )
-            rows["source_line"].append(ordinal)
-            rows["updated_at"].append(entry.updated)
-        self.result.readings += count
-        if len(rows["source_line"]) >= EMIT_ROWS:
+            or "unknown",
+            reading_type=reading_type_name,
+            service_kind=_service_kind(usage_point, uom),
+            flow_direction=_int(rt.get("flowDirection")),
+            uom=uom,
+            multiplier=_int(rt.get("powerOfTenMultiplier")) or 0,
+            currency=CURRENCIES.get(currency_code, str(currency_code)) if currency_code is not None else None,
+            interval_length=_int(rt.get("intervalLength")),
+        )
+        self._resolved[cache_key] = resolved
+        return resolved
+
+    def _emit_early(self, entry: _Entry, block: _Block) -> None:
+        """Hand on part of a huge block, so memory stays bounded, when nothing about it can change.
+
+        Only when the entry's links and ``updated`` came before its content (the usual order),
+        and every reading's start is known without the block's final reading count.
+        """
+        if entry.self_href is None or entry.updated is None:
+            return
+        resolved = self._resolve(entry, final=False)
+        if resolved is not None and (resolved.interval_length or None not in block.raw["start"]):
+            self._emit(entry, block, final=False)
+
+    def _emit(self, entry: _Entry, block: _Block, *, final: bool) -> bool:
+        """Turn a block's readings into rows once its reading type and usage point are known."""
+        resolved = self._resolve(entry, final)
+        if resolved is None:
+            return False
+        interval_length = resolved.interval_length
+        step = interval_length or (block.duration // block.count if block.duration and block.count else None)
+        n = len(block.raw["value"])
+        buffer = self._buffer
+        for name in _RAW:
+            buffer[name] += block.raw[name]
+        first = block.first_ordinal + block.emitted
+        buffer["ordinal"] += range(first, first + n)
+        buffer["position"] += range(block.emitted, block.emitted + n)
+        block.emitted += n
+        for name, value in (
+            ("usage_point", resolved.usage_point), ("reading_type", resolved.reading_type),
+            ("service_kind", resolved.service_kind), ("flow_direction", resolved.flow_direction),
+            ("uom", resolved.uom), ("multiplier", resolved.multiplier), ("currency", resolved.currency),
+            ("updated_at", entry.updated), ("block_start", block.start), ("step", step),
+        ):  # fmt: skip
+            buffer[name] += [value] * n
+        self.result.readings += n
+        block.raw = {name: [] for name in _RAW}
+        if len(buffer["ordinal"]) >= BATCH_READINGS:
             self._flush()
         return True
 
     def _flush(self) -> None:
-        if not self._rows["source_line"]:
+        """Convert the buffered readings in one go and hand them to the sink."""
+        buffer = self._buffer
+        if not buffer["ordinal"]:
             return
-        schema = {**INTERVAL_SCHEMA, "interval_start": pl.Int64(), "updated_at": pl.Datetime("us", "UTC")}
-        frame = pl.DataFrame(self._rows, schema=schema).with_columns(
-            pl.from_epoch("interval_start", time_unit="us").dt.replace_time_zone("UTC")
+        self._buffer = _new_buffer()
+        frame = pl.DataFrame(buffer, schema=_BUFFER_SCHEMA)
+        raw = frame.select(pl.col(_RAW).str.strip_chars())
+        typed = raw.select(
+            pl.col("start").cast(pl.Float64, strict=False),
+            pl.col("duration").cast(pl.Float64, strict=False).cast(pl.Int64, strict=False),
+            pl.col("value").cast(pl.Float64, strict=False),
+            pl.col("cost").cast(pl.Float64, strict=False),
+            pl.col("quality").cast(pl.Float64, strict=False).cast(pl.Int32, strict=False),
         )
-        self._rows = {name: [] for name in self._rows}
-        self.sink(frame)
+        if raw.null_count().row(0) != typed.null_count().row(0):
+            for name in _RAW:
+                bad = (raw[name].is_not_null() & (raw[name] != "") & typed[name].is_null()).arg_true()
+                if len(bad):
+                    index = int(bad[0])
+                    raise Rejected(f"IntervalReading {frame['ordinal'][index]}: {name} {raw[name][index]!r} is not a number",
+                                   format_name=FORMAT)  # fmt: skip
+        frame = frame.with_columns(typed)
+        start = pl.col("start").fill_null(pl.col("block_start") + pl.col("position") * pl.col("step"))
+        multiplier = pl.col("multiplier")
+        # Divide for negative powers: 37000 / 1000 is exactly 37, 37000 * 0.001 is not.
+        # (Costs are whole 1/100,000 units, so rounding to 5 decimals only drops float noise.)
+        scaled = (
+            pl.when(multiplier < 0)
+            .then(pl.col("value") / pl.lit(10.0).pow(-multiplier))
+            .otherwise(pl.col("value") * pl.lit(10.0).pow(multiplier))
+        )
+        rows = frame.select(
+            "usage_point", "reading_type", "service_kind", "flow_direction", "uom",
+            (start * 1_000_000).round().cast(pl.Int64).alias("interval_start"),
+            pl.col("duration").fill_null(pl.col("step")).alias("duration_s"),
+            scaled.alias("value"),
+            pl.col("value").alias("raw_value"),
+            multiplier.alias("power_of_ten_multiplier"),
+            (pl.col("cost") / 100_000).round(5).alias("cost"),
+            pl.when(pl.col("cost").is_not_null()).then(pl.col("currency")).alias("currency"),
+            pl.col("quality").replace_strict(QUALITY_NAMES, default=pl.format("quality {}", pl.col("quality")),
+                                             return_dtype=pl.String).alias("quality"),
+            pl.col("ordinal").alias("source_line"),
+            "updated_at",
+        ).with_columns(pl.from_epoch("interval_start", time_unit="us").dt.replace_time_zone("UTC"))  # fmt: skip
+        missing = rows["interval_start"].is_null() | rows["duration_s"].is_null()
+        if missing.any():
+            ordinal = rows["source_line"].filter(missing)[0]
+            raise Rejected(f"IntervalReading {ordinal}: no timePeriod, and its block has no start or interval length",
+                           format_name=FORMAT)  # fmt: skip
+        self.sink(rows)
 
     # -- the small tables ------------------------------------------------------------------
     def _collect_objects(self) -> None:
@@ -497,13 +663,14 @@ class EspiParser:
                 "phase": _int(f.get("phase")),
                 "updated_at": node.updated,
             })  # fmt: skip
-        for kind in ("UsageSummary", "ElectricPowerUsageSummary"):
-            for node in graph.nodes[kind]:
+        for summary_kind in ("UsageSummary", "ElectricPowerUsageSummary"):
+            for node in graph.nodes[summary_kind]:
                 self.result.summaries.append(self._summary(node))
 
     def _summary(self, node: _Node) -> dict[str, Any]:
         f = node.fields
-        period = f.get("billingPeriod") if isinstance(f.get("billingPeriod"), dict) else {}
+        billing = f.get("billingPeriod")
+        period: dict[str, Any] = billing if isinstance(billing, dict) else {}
         usage_point = self.graph.usage_point([node.self_key, node.up_key], final=True)
         currency_code = _int(f.get("currency"))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MEASUREMENTS_HEADER, PULSE_HEADER, at, write_delivery
+from tests.conftest import MEASUREMENTS_HEADER, PULSE_HEADER, SHARED, at, write_delivery
 
 
 def meterdrop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -116,3 +116,33 @@ def test_data_dir_comes_from_the_environment(tmp_path: Path, drops: Path) -> Non
                             check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (env_dir / "meterdrop.duckdb").exists()
+
+
+def test_every_green_button_sample_ingests(tmp_path: Path) -> None:
+    samples = sorted((SHARED / "samples" / "greenbutton").glob("*.[xc][ms][lv]"))
+    assert len(samples) == 8
+    result = meterdrop("ingest", "--db", str(tmp_path / "gb.duckdb"), *map(str, samples))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ingested  ") == 8
+    zones = meterdrop("query", "--db", str(tmp_path / "gb.duckdb"), "--format", "csv",
+                      "SELECT format, timezone FROM files WHERE format = 'greenbutton_csv'")  # fmt: skip
+    assert zones.stdout.splitlines() == ["format,timezone", "greenbutton_csv,America/Los_Angeles"]
+
+
+def test_timezone_option_is_checked_and_recorded(tmp_path: Path) -> None:
+    csv_file = write_delivery(tmp_path / "usage.csv", [
+        "Name,JANE DOE", "Address,1 MAIN ST", "Account Number,1234", "Service,Service 1", "",
+        "TYPE,DATE,START TIME,END TIME,USAGE (kWh),NOTES",
+        "Electric usage,2025-01-15,00:00,00:59,1.5,",
+    ])  # fmt: skip
+    bad = meterdrop("ingest", "--db", str(tmp_path / "t.duckdb"), "--timezone", "Mars/Olympus", str(csv_file))
+    assert bad.returncode == 2
+    assert "'Mars/Olympus' is not an IANA time zone" in bad.stderr
+    good = meterdrop(
+        "ingest", "--db", str(tmp_path / "t.duckdb"), "--timezone", "America/New_York", str(csv_file)
+    )
+    assert good.returncode == 0, good.stdout + good.stderr
+    got = meterdrop("query", "--db", str(tmp_path / "t.duckdb"), "--format", "csv",
+                    "SELECT f.timezone, i.interval_start, i.duration_s, i.value FROM greenbutton_intervals i "
+                    "JOIN files f ON f.id = i.file_id")  # fmt: skip
+    assert got.stdout.splitlines()[1] == "America/New_York,2025-01-15T05:00:00+00:00,3600,1500.0"
