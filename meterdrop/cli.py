@@ -20,8 +20,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fileserver.users import UserError, UserStore
 from processor.ingest import Ingester, Outcome, expand
-from processor.store import Store
+from processor.store import Store, open_store
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -50,15 +51,26 @@ def _database(data_dir: Path, db: Path | None) -> Path:
     return db if db is not None else data_dir / "meterdrop.duckdb"
 
 
+_DB_WAIT = 60.0
+
+
+def _waiting(why: str) -> None:
+    click.echo(f"waiting for the database, another process holds it ({why}) ...", err=True)
+
+
 def _open_existing(path: Path) -> Store:
+    """Open read-only; while `meterdrop serve` ingests a batch, wait for it to finish."""
     if not path.exists():
         raise click.UsageError(
             f"no database at {path}: run `meterdrop ingest PATH` first, or point --db / --data-dir at one"
         )
     try:
-        return Store(path, read_only=True)
+        return open_store(path, read_only=True, wait=_DB_WAIT, on_wait=_waiting)
     except duckdb.IOException as error:
-        raise click.ClickException(f"cannot open {path}: {error}") from None
+        raise click.ClickException(
+            f"cannot open {path}: {error}. Another process has held it for over {_DB_WAIT:.0f}s "
+            "(a DuckDB CLI or notebook with the file open for writing?): close it and try again."
+        ) from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -157,11 +169,11 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, p
     started = time.perf_counter()
     rows_total = 0
     try:
-        store = Store(database)
+        store = open_store(database, wait=_DB_WAIT, on_wait=_waiting)
     except duckdb.IOException as error:
         raise click.ClickException(
-            f"cannot open {database} for writing: {error}. Is `meterdrop serve` or another process "
-            "holding it? Stop it or drop the files into the served folder instead."
+            f"cannot open {database} for writing: {error}. Another process has held it for over "
+            f"{_DB_WAIT:.0f}s: close it, or drop the files into the folder `meterdrop serve` watches."
         ) from None
     with (
         store,
@@ -315,3 +327,214 @@ def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
         for row in rows:
             table.add_row(*("NULL" if v is None else str(_plain(v)) for v in row))
         _report_console().print(table)
+
+
+def _port_range(ctx: click.Context, param: click.Parameter, value: str) -> range:
+    try:
+        first, last = (int(p) for p in value.split("-", 1))
+    except ValueError:
+        raise click.BadParameter("expected FIRST-LAST, e.g. 8192-8200") from None
+    if not 0 < first <= last < 65536:
+        raise click.BadParameter("ports must satisfy 0 < FIRST <= LAST < 65536")
+    return range(first, last + 1)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = value.strip().upper().removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
+
+
+@main.command(context_settings=CONTEXT)
+@_data_dir_option
+@_db_option
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--sftp-port", default=2222, show_default=True, help="SFTP port (22 in the container).")
+@click.option(
+    "--ftps-port", default=2121, show_default=True, help="Explicit-FTPS control port (21 in the container)."
+)
+@click.option(
+    "--passive-ports",
+    default="8192-8200",
+    show_default=True,
+    callback=_port_range,
+    help="FTPS passive data ports, FIRST-LAST; when all are busy a client gets 425.",
+)
+@click.option(
+    "--public-host", default=None, help="Address announced in PASV replies (behind NAT or in a container)."
+)
+@click.option(
+    "--certs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("certs"),
+    show_default=True,
+    envvar="METERDROP_CERTS_DIR",
+    help="TLS certificate (ftps.crt, ftps.key) and SSH host keys; generated on first start.",
+)
+@click.option(
+    "--max-upload-size",
+    default="4G",
+    show_default=True,
+    callback=_size,
+    help="Largest upload accepted, e.g. 500M.",
+)
+@click.option(
+    "--timezone",
+    "timezone",
+    envvar="METERDROP_TIMEZONE",
+    metavar="TZ",
+    callback=_check_zone,
+    help="IANA zone for local-time utility CSVs dropped in (see `ingest --help`).",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Log every connection and command.")
+def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port: int, passive_ports: range,
+          public_host: str | None, certs_dir: Path, max_upload_size: int | None, timezone: str | None,
+          verbose: bool) -> None:  # fmt: skip
+    """Run the SFTP and FTPS drop servers and ingest every complete delivery.
+
+    Users (see `meterdrop users`) log in with the same credentials over SFTP or
+    explicit FTPS and upload into DATA_DIR/drop/<user>/; files copied into that tree
+    by hand are taken too. Every complete file is ingested into the database within
+    seconds; the database stays readable with `meterdrop query` meanwhile. Stop with
+    Ctrl-C (SIGINT) or SIGTERM.
+
+    \b
+    Example:
+      meterdrop users add acme --password-stdin <<< 'a long passphrase'
+      meterdrop serve --data-dir /srv/meterdrop --public-host drop.example.com
+    """
+    import asyncio
+    import logging
+
+    from meterdrop.serve import ServeConfig
+    from meterdrop.serve import serve as run
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not verbose:
+        for noisy in ("asyncssh", "pyftpdlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = ServeConfig(
+        data_dir=data_dir, database=_database(data_dir, db), certs_dir=certs_dir, host=host, sftp_port=sftp_port,
+        ftps_port=ftps_port, passive_ports=passive_ports, public_host=public_host,
+        max_upload_bytes=max_upload_size, timezone=timezone,
+    )  # fmt: skip
+    try:
+        asyncio.run(run(config))
+    except OSError as error:
+        raise click.ClickException(f"cannot start: {error}") from None
+
+
+@main.group(context_settings=CONTEXT)
+def users() -> None:
+    """Manage who may deliver: one set of credentials serves SFTP and FTPS.
+
+    Users are kept in DATA_DIR/users.json, passwords only as argon2id hashes; each
+    user's uploads land in DATA_DIR/drop/<user>/.
+
+    \b
+    Example:
+      echo 'a long passphrase' | meterdrop users add acme --password-stdin
+      meterdrop users add panel1 --authorized-key panel1.pub
+    """
+
+
+def _user_store(data_dir: Path) -> UserStore:
+    return UserStore(data_dir)
+
+
+def _read_password(from_stdin: bool, confirm: bool = True) -> str | None:
+    if from_stdin:
+        text = sys.stdin.readline().rstrip("\r\n")
+        if not text:
+            raise click.UsageError("--password-stdin: no password on standard input")
+        return text
+    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm) if confirm else None
+
+
+@users.command("add", context_settings=CONTEXT)
+@_data_dir_option
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of standard input."
+)
+@click.option(
+    "--authorized-key",
+    "keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Public key file (OpenSSH or PEM/PKCS#8) allowed to log in over SFTP; repeatable.",
+)
+@click.argument("name")
+def users_add(data_dir: Path, password_stdin: bool, keys: tuple[Path, ...], name: str) -> None:
+    """Add a user. Without --password-stdin or --authorized-key, asks for a password.
+
+    \b
+    Example:
+      meterdrop users add acme --password-stdin < password.txt
+    """
+    password = _read_password(password_stdin) if password_stdin or not keys else None
+    try:
+        _user_store(data_dir).add(name, password, [k.read_text(encoding="utf-8") for k in keys])
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"added {name}: uploads land in {data_dir / 'drop' / name}")
+
+
+@users.command("passwd", context_settings=CONTEXT)
+@_data_dir_option
+@click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
+@click.argument("name")
+def users_passwd(data_dir: Path, password_stdin: bool, name: str) -> None:
+    """Set a user's password.
+
+    \b
+    Example:
+      meterdrop users passwd acme
+    """
+    try:
+        _user_store(data_dir).set_password(name, _read_password(password_stdin) or "")
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"password of {name} changed")
+
+
+@users.command("remove", context_settings=CONTEXT)
+@_data_dir_option
+@click.argument("name")
+def users_remove(data_dir: Path, name: str) -> None:
+    """Remove a user; their drop folder and their ingested data stay.
+
+    \b
+    Example:
+      meterdrop users remove acme
+    """
+    try:
+        _user_store(data_dir).remove(name)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"removed {name}")
+
+
+@users.command("list", context_settings=CONTEXT)
+@_data_dir_option
+def users_list(data_dir: Path) -> None:
+    """List users and how they may log in.
+
+    \b
+    Example:
+      meterdrop users list --data-dir /srv/meterdrop
+    """
+    listed = _user_store(data_dir).list()
+    if not listed:
+        click.echo("no users: add one with `meterdrop users add NAME --password-stdin`")
+    for user in listed:
+        ways = (["password"] if user.password_hash else []) + [f"{len(user.authorized_keys)} key(s)"] * bool(
+            user.authorized_keys
+        )
+        click.echo(f"{user.name}\t{', '.join(ways)}")

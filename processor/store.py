@@ -15,7 +15,8 @@ order in which deliveries are processed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -175,6 +176,32 @@ class Delivery:
     first_seen_at: datetime
 
 
+def open_store(
+    path: Path | str,
+    *,
+    read_only: bool = False,
+    wait: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> Store:
+    """Open the database, waiting up to ``wait`` seconds while another process holds it.
+
+    DuckDB allows one process per database file once a writer has it open; the server
+    holds it only while it ingests, so a query or an ingest usually gets in quickly.
+    """
+    deadline = time.monotonic() + wait
+    told = False
+    while True:
+        try:
+            return Store(path, read_only=read_only)
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower() or time.monotonic() >= deadline:
+                raise
+            if on_wait is not None and not told:
+                on_wait(str(error).splitlines()[0])
+                told = True
+            time.sleep(0.05)
+
+
 class Store:
     """One open meterdrop database; a single writer, as DuckDB requires."""
 
@@ -231,6 +258,13 @@ class Store:
     def known(self, path: str, sha256: str) -> LedgerEntry | None:
         """The ledger entry for this exact content at this path, if any."""
         entries = self._entries("path = ? AND sha256 = ?", [path, sha256])
+        return entries[-1] if entries else None
+
+    def known_unchanged(self, path: str, size: int, delivered_at: datetime) -> LedgerEntry | None:
+        """The entry for a file still as it was when seen (same size and time), without hashing it."""
+        entries = self._entries(
+            "path = ? AND size = ? AND delivered_at = ? AND status <> 'rejected'", [path, size, delivered_at]
+        )
         return entries[-1] if entries else None
 
     def ingested_copy(self, sha256: str) -> LedgerEntry | None:

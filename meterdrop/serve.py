@@ -1,0 +1,92 @@
+"""`meterdrop serve`: the SFTP and FTPS servers, the drop-folder watcher and the processor.
+
+The hand-off between the two sides is the file system only: a server publishes a
+complete upload under its final name and tells the watcher; the watcher hands ready
+files to the processor, which opens the database for each batch and closes it after,
+so `meterdrop query` and the DuckDB CLI can read it between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from fileserver.ftps import FtpsServer
+from fileserver.sftp import start_sftp_server
+
+from fileserver.guard import Guard
+from fileserver.users import UserStore
+from processor.ingest import Ingester
+from processor.store import open_store
+from processor.watcher import DropWatcher
+
+log = logging.getLogger("meterdrop")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data_dir: Path
+    database: Path
+    certs_dir: Path
+    host: str
+    sftp_port: int
+    ftps_port: int
+    passive_ports: range
+    public_host: str | None
+    max_upload_bytes: int | None
+    timezone: str | None
+    db_wait: float = 3600.0
+
+
+def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
+    with open_store(config.database, wait=config.db_wait,
+                    on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
+        ingester = Ingester(store, timezone=config.timezone)
+        for path in paths:
+            outcome = ingester.ingest(path)
+            if outcome.status == "rejected":
+                log.warning("rejected %s: %s", outcome.path, outcome.detail)
+            elif outcome.status != "unchanged":
+                log.info("%s %s (%s, %d rows)", outcome.status, outcome.path, outcome.format, outcome.rows)
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGINT or SIGTERM."""
+    users = UserStore(config.data_dir)
+    guard = Guard()
+    config.certs_dir.mkdir(parents=True, exist_ok=True)
+    config.database.parent.mkdir(parents=True, exist_ok=True)
+    drop_root = users.drop_root
+    watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths))
+    watcher.start()
+    ftps = FtpsServer(
+        host=config.host, port=config.ftps_port, passive_ports=config.passive_ports, users=users, guard=guard,
+        certs_dir=config.certs_dir, public_host=config.public_host, max_upload_bytes=config.max_upload_bytes,
+        on_published=watcher.notify,
+    )  # fmt: skip
+    ftps.start()
+    sftp = await start_sftp_server(
+        host=config.host, port=config.sftp_port, users=users, guard=guard, certs_dir=config.certs_dir,
+        max_upload_bytes=config.max_upload_bytes, on_published=watcher.notify,
+    )  # fmt: skip
+    sftp_port = sftp.sockets[0].getsockname()[1] if sftp.sockets else config.sftp_port
+    log.info("SFTP on %s:%d, FTPS on %s:%d (passive %d-%d)", config.host, sftp_port, *ftps.address,
+             config.passive_ports.start, config.passive_ports.stop - 1)  # fmt: skip
+    log.info("drop folder %s, database %s", drop_root, config.database)
+    if not users.list():
+        log.warning("no users yet: add one with `meterdrop users add NAME --password-stdin`")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        sftp.close()
+        await sftp.wait_closed()
+        ftps.stop()
+        watcher.stop()

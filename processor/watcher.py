@@ -1,0 +1,150 @@
+"""The drop folder watcher: every complete file that appears is handed to the processor.
+
+Uploads become visible by a rename when complete (the servers' contract), so a moved-in
+or published file is ready at once.  A file copied in by hand appears first and is
+written afterwards: it is ready when its writer closes it (inotify's close-after-write),
+or, where no close is reported, when it has been quiet for ``settle`` seconds.  At start
+the whole tree is scanned, so a file that arrived while meterdrop was down is not missed.
+Hidden names (a leading dot) are never taken: they are uploads in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+log = logging.getLogger("meterdrop.watcher")
+Batch = Callable[[list[Path]], None]
+
+
+def visible(path: Path, root: Path) -> bool:
+    """Not hidden anywhere below the drop root."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return False
+    return bool(parts) and not any(part.startswith(".") for part in parts)
+
+
+def scan(root: Path) -> Iterator[Path]:
+    """Every visible file under ``root``, in name order."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(folder) / name
+
+
+class DropWatcher(FileSystemEventHandler):
+    """Watches ``root`` and calls ``process`` with batches of ready files, on one thread.
+
+    ``process`` runs on the watcher's worker thread, one batch at a time, so the database
+    has a single writer; files that become ready meanwhile wait for the next batch.
+    """
+
+    def __init__(self, root: Path, process: Batch, *, settle: float = 2.0, batch_wait: float = 0.2) -> None:
+        self.root = root
+        self.process = process
+        self.settle = settle
+        self.batch_wait = batch_wait
+        self._ready: queue.Queue[Path | None] = queue.Queue()
+        self._quiet: dict[Path, float] = {}  # created or written, waiting for a close or for quiet
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._observer = Observer()
+        self._worker = threading.Thread(target=self._work, name="meterdrop-ingest", daemon=True)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._observer.schedule(self, str(self.root), recursive=True)
+        self._observer.start()  # watch first, then scan: nothing falls between the two
+        for path in scan(self.root):
+            self._ready.put(path)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._observer.stop()
+        self._ready.put(None)
+        self._observer.join()
+        self._worker.join()
+
+    def notify(self, path: Path) -> None:
+        """A server published ``path``: it is complete now."""
+        if visible(path, self.root):
+            with self._lock:
+                self._quiet.pop(path, None)
+            self._ready.put(path)
+
+    # -- events ----------------------------------------------------------------------------
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, DirMovedEvent):
+            # A folder moved in whole (e.g. unpacked elsewhere, then moved): take its files.
+            destination = Path(os.fsdecode(event.dest_path))
+            if visible(destination, self.root):
+                for path in scan(destination):
+                    self._ready.put(path)
+            return
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self.notify(Path(os.fsdecode(event.dest_path)))
+        elif isinstance(event, FileClosedEvent):
+            self.notify(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            path = Path(os.fsdecode(event.src_path))
+            if visible(path, self.root):
+                with self._lock:
+                    self._quiet[path] = time.monotonic()
+
+    # -- the worker --------------------------------------------------------------------------
+    def _due(self) -> list[Path]:
+        """Files that were written and then left alone for ``settle`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            due = [p for p, last in self._quiet.items() if now - last >= self.settle]
+            for path in due:
+                del self._quiet[path]
+        return due
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            batch: list[Path] = []
+            try:
+                item = self._ready.get(timeout=min(self.settle, 0.5))
+                if item is not None:
+                    batch.append(item)
+                # Gather what arrives together (a burst of uploads) into one batch.
+                deadline = time.monotonic() + self.batch_wait
+                while (left := deadline - time.monotonic()) > 0:
+                    item = self._ready.get(timeout=left)
+                    if item is not None:
+                        batch.append(item)
+            except queue.Empty:
+                pass
+            batch += self._due()
+            unique = list(dict.fromkeys(p for p in batch if p.is_file()))
+            if unique and not self._stop.is_set():
+                try:
+                    self.process(unique)
+                except Exception:  # the watcher must outlive one bad batch; the ledger has the rest
+                    log.exception(
+                        "ingest of %d file(s) failed; they will be retried at the next start", len(unique)
+                    )
