@@ -64,7 +64,7 @@ class UserStore:
             for name, entry in raw.get("users", {}).items()
         }
 
-    def list(self) -> list[User]:
+    def everyone(self) -> list[User]:
         return sorted(self._load().values(), key=lambda u: u.name)
 
     def get(self, name: str) -> User | None:

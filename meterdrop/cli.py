@@ -530,7 +530,7 @@ def users_list(data_dir: Path) -> None:
     Example:
       meterdrop users list --data-dir /srv/meterdrop
     """
-    listed = _user_store(data_dir).list()
+    listed = _user_store(data_dir).everyone()
     if not listed:
         click.echo("no users: add one with `meterdrop users add NAME --password-stdin`")
     for user in listed:

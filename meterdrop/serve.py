@@ -76,7 +76,7 @@ async def serve(config: ServeConfig) -> None:
     log.info("SFTP on %s:%d, FTPS on %s:%d (passive %d-%d)", config.host, sftp_port, *ftps.address,
              config.passive_ports.start, config.passive_ports.stop - 1)  # fmt: skip
     log.info("drop folder %s, database %s", drop_root, config.database)
-    if not users.list():
+    if not users.everyone():
         log.warning("no users yet: add one with `meterdrop users add NAME --password-stdin`")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
