@@ -46,7 +46,8 @@ _EVENT_TAGS = [
     ATOM + "entry", ATOM + "link", ATOM + "updated", _BLOCK, *(ESPI + name for name in sorted(_OBJECTS)),
 ]  # fmt: skip
 FEED_BYTES = 256 * 1024
-BATCH_READINGS = 20_000
+BATCH_READINGS = 25_000  # readings converted and handed on together
+TAKE_READINGS = 5_000  # parsed readings held in the tree of a block still open
 _WEEKDAYS = ["", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["", "January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]  # fmt: skip
@@ -413,7 +414,7 @@ class EspiParser:
                         self._drop(element)
                 if not chunk:
                     break
-                if block is not None and len(block_element) > BATCH_READINGS:
+                if block is not None and len(block_element) > TAKE_READINGS:
                     self._take_readings(block, block_element, complete=False)
                     if entry is not None:
                         self._emit_early(entry, block)
