@@ -71,3 +71,13 @@ def publish(partial: Path, final: Path) -> None:
 def discard(partial: Path) -> None:
     """Remove an upload that did not complete; it must never be ingested."""
     partial.unlink(missing_ok=True)
+
+
+def sweep_partials(root: Path) -> int:
+    """Delete partial uploads left by a crash; call only while no server is running."""
+    removed = 0
+    for partial in root.rglob(".*.part-*"):
+        if partial.is_file() and not partial.is_symlink():
+            partial.unlink(missing_ok=True)
+            removed += 1
+    return removed

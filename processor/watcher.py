@@ -5,7 +5,9 @@ or published file is ready at once.  A file copied in by hand appears first and 
 written afterwards: it is ready when its writer closes it (inotify's close-after-write),
 or, where no close is reported, when it has been quiet for ``settle`` seconds.  At start
 the whole tree is scanned, so a file that arrived while meterdrop was down is not missed.
-Hidden names (a leading dot) are never taken: they are uploads in progress.
+Hidden names (a leading dot) are never taken: they are uploads in progress; nor are
+the temporary names upload clients write before renaming (``*.tmp``, ``*.part``,
+``*.filepart``, ``*.partial``, ``*.crdownload``).
 """
 
 from __future__ import annotations
@@ -33,13 +35,20 @@ log = logging.getLogger("meterdrop.watcher")
 Batch = Callable[[list[Path]], None]
 
 
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".filepart", ".partial", ".crdownload")
+
+
 def visible(path: Path, root: Path) -> bool:
-    """Not hidden anywhere below the drop root."""
+    """Not hidden anywhere below the drop root, and not a client's temporary name."""
     try:
         parts = path.relative_to(root).parts
     except ValueError:
         return False
-    return bool(parts) and not any(part.startswith(".") for part in parts)
+    return (
+        bool(parts)
+        and not any(part.startswith(".") for part in parts)
+        and not parts[-1].lower().endswith(TEMPORARY_SUFFIXES)
+    )
 
 
 def scan(root: Path) -> Iterator[Path]:
@@ -47,7 +56,7 @@ def scan(root: Path) -> Iterator[Path]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if not name.startswith("."):
+            if visible(Path(folder) / name, root):
                 yield Path(folder) / name
 
 

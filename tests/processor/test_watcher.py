@@ -78,3 +78,16 @@ def test_a_failing_batch_does_not_stop_the_watcher(tmp_path: Path) -> None:
         assert calls.get(timeout=10) == [tmp_path / "second.csv"]
     finally:
         watcher.stop()
+
+
+def test_client_temporary_names_wait_for_their_rename(tmp_path: Path) -> None:
+    watcher, seen = collecting(tmp_path)
+    watcher.start()
+    try:
+        temporary = tmp_path / "export.csv.tmp"
+        temporary.write_text("a,b\n")
+        os.replace(temporary, tmp_path / "export.csv")
+        assert next_paths(seen, 1) == [tmp_path / "export.csv"]
+    finally:
+        watcher.stop()
+    assert seen.empty()

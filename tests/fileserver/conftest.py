@@ -1,0 +1,32 @@
+"""Fixtures shared by the fileserver tests (SFTP and FTPS): one user, one fast guard.
+
+Kept generic on purpose: protocol-specific fixtures live in each protocol's test file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fileserver.guard import Guard, GuardPolicy
+from fileserver.users import UserStore
+
+VENDOR = "vendor"
+VENDOR_PASSWORD = "s3cret-pass"
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> UserStore:
+    """A UserStore under ``tmp_path / "data"`` with the password user vendor/s3cret-pass."""
+    store = UserStore(tmp_path / "data")
+    store.add(VENDOR, VENDOR_PASSWORD)
+    return store
+
+
+@pytest.fixture
+def guard() -> Guard:
+    """The production policy's shape (5 failures -> ban) with delays short enough for tests."""
+    return Guard(
+        GuardPolicy(max_failures=5, window=60.0, ban_seconds=60.0, delay_per_failure=0.01, max_delay=0.05)
+    )
