@@ -14,10 +14,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from fileserver.drops import sweep_partials
 from fileserver.ftps import FtpsServer
-from fileserver.sftp import start_sftp_server
-
 from fileserver.guard import Guard
+from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from processor.ingest import Ingester
 from processor.store import open_store
@@ -60,6 +60,9 @@ async def serve(config: ServeConfig) -> None:
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     config.database.parent.mkdir(parents=True, exist_ok=True)
     drop_root = users.drop_root
+    drop_root.mkdir(parents=True, exist_ok=True)
+    if swept := sweep_partials(drop_root):
+        log.info("removed %d unfinished upload(s) left by an earlier run", swept)
     watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths))
     watcher.start()
     ftps = FtpsServer(
@@ -86,7 +89,6 @@ async def serve(config: ServeConfig) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
-        sftp.close()
-        await sftp.wait_closed()
+        await stop_sftp_server(sftp)
         ftps.stop()
         watcher.stop()

@@ -1,0 +1,164 @@
+"""End to end: `meterdrop serve` as a real process, real OpenSSH sftp and curl clients,
+and `meterdrop query` reading the database while the server runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MEASUREMENTS_HEADER, SHARED
+
+PASSWORD = "a long passphrase for tests"
+
+
+def meterdrop(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meterdrop", *args], input=stdin, capture_output=True, text=True,
+                          check=False, timeout=120)  # fmt: skip
+
+
+def free_port_range(count: int) -> range:
+    """A run of ports that are free now (the FTPS passive range)."""
+    for base in range(20000 + os.getpid() % 2000 * 10, 60000, 97):
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return range(base, base + count)
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+class Server:
+    """A running `meterdrop serve`, with the ports it reported."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.passive = free_port_range(3)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meterdrop", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+             "--sftp-port", "0", "--ftps-port", "0", "--passive-ports", f"{self.passive.start}-{self.passive.stop - 1}",
+             "--certs-dir", str(data_dir / "certs")],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        ready = threading.Event()
+        ports: dict[str, int] = {}
+
+        def read() -> None:
+            assert self.process.stderr is not None
+            for line in self.process.stderr:
+                self.log.append(line)
+                match = re.search(r"SFTP on [\d.]+:(\d+), FTPS on [\d.]+:(\d+)", line)
+                if match:
+                    ports.update(sftp=int(match.group(1)), ftps=int(match.group(2)))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert ready.wait(60) and ports, "".join(self.log)
+        self.sftp_port, self.ftps_port = ports["sftp"], ports["ftps"]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Server, Path, Path]]:
+    data = tmp_path / "data"
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    added = meterdrop("users", "add", "acme", "--password-stdin", "--authorized-key", f"{key}.pub",
+                      "--data-dir", str(data), stdin=PASSWORD + "\n")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    server = Server(data)
+    try:
+        yield server, data, key
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def wait_for_ledger(data: Path, count: int, deadline: float = 60) -> list[dict[str, object]]:
+    """Poll the ledger through `meterdrop query` (while the server runs) until ``count`` files are in."""
+    end = time.monotonic() + deadline
+    while True:
+        result = meterdrop("query", "--data-dir", str(data), "--format", "json",
+                           "SELECT path, format, status, rows FROM files ORDER BY path")  # fmt: skip
+        rows = json.loads(result.stdout) if result.returncode == 0 else []
+        if len(rows) >= count or time.monotonic() > end:
+            return rows
+        time.sleep(0.2)
+
+
+def test_deliveries_over_sftp_and_ftps_are_queryable_while_serving(served, tmp_path: Path) -> None:
+    server, data, key = served
+    export = tmp_path / "export.csv"
+    export.write_text(
+        MEASUREMENTS_HEADER + "\n1001,Chiller,2024-03-01T09:00:00Z,15,77,HQ,12.5,230,2875,0.95,718.75\n"
+    )
+    batch = tmp_path / "batch"
+    batch.write_text("mkdir Measurements\nput " + str(export) + " Measurements/export.csv\n")
+    sftp = subprocess.run(
+        ["sftp", "-b", str(batch), "-i", str(key), "-P", str(server.sftp_port), "-oBatchMode=yes",
+         "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "acme@127.0.0.1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sftp.returncode == 0, sftp.stderr
+    xml = (
+        SHARED
+        / "samples"
+        / "greenbutton"
+        / "ngma_natural_gas_billing_billing_data_Service_1_1_2021-05-26_to_2024-04-25.xml"
+    )
+    curl = subprocess.run(
+        ["curl", "--silent", "--show-error", "--ssl-reqd", "--insecure", "--ftp-pasv", "--ftp-create-dirs",
+         "--user", f"acme:{PASSWORD}", "-T", str(xml), f"ftp://127.0.0.1:{server.ftps_port}/greenbutton/gas.xml"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert curl.returncode == 0, curl.stderr
+
+    ledger = wait_for_ledger(data, 2)
+    drop = data / "drop" / "acme"
+    assert ledger == [
+        {"path": str(drop / "Measurements" / "export.csv"), "format": "panoramic_measurements",
+         "status": "ingested", "rows": 1},
+        {"path": str(drop / "greenbutton" / "gas.xml"), "format": "greenbutton_xml", "status": "ingested",
+         "rows": 35},
+    ], "".join(server.log)  # fmt: skip
+    energy = meterdrop("query", "--data-dir", str(data), "--format", "csv",
+                       "SELECT energy_wh FROM panoramic_measurements")  # fmt: skip
+    assert energy.stdout.splitlines() == ["energy_wh", "718.75"]
+    cost = meterdrop("query", "--data-dir", str(data), "--format", "csv",
+                     "SELECT cost FROM greenbutton_intervals ORDER BY interval_start LIMIT 1")  # fmt: skip
+    assert cost.stdout.splitlines() == ["cost", "51.0"]
+    assert server.stop() == 0
+
+
+def test_files_dropped_while_down_are_taken_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    meterdrop("users", "add", "acme", "--password-stdin", "--data-dir", str(data), stdin=PASSWORD + "\n")
+    dropped = data / "drop" / "acme" / "by-hand.csv"
+    dropped.write_text(MEASUREMENTS_HEADER + "\n7,Fan,2024-03-01T09:00:00Z,60,1,HQ,1,230,230,1,230\n")
+    server = Server(data)
+    try:
+        ledger = wait_for_ledger(data, 1)
+        assert [(r["path"], r["status"]) for r in ledger] == [(str(dropped), "ingested")]
+    finally:
+        assert server.stop() == 0
