@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -20,9 +20,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fileserver.users import UserError, UserStore
 from processor.ingest import Ingester, Outcome, expand
 from processor.store import Store, open_store
+
+if TYPE_CHECKING:
+    from fileserver.users import UserStore
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -446,6 +448,8 @@ def users() -> None:
 
 
 def _user_store(data_dir: Path) -> UserStore:
+    from fileserver.users import UserStore  # imported here: asyncssh costs `ingest` and `query` a startup
+
     return UserStore(data_dir)
 
 
@@ -481,7 +485,7 @@ def users_add(data_dir: Path, password_stdin: bool, keys: tuple[Path, ...], name
     password = _read_password(password_stdin) if password_stdin or not keys else None
     try:
         _user_store(data_dir).add(name, password, [k.read_text(encoding="utf-8") for k in keys])
-    except UserError as error:
+    except ValueError as error:  # fileserver.users.UserError
         raise click.ClickException(str(error)) from None
     click.echo(f"added {name}: uploads land in {data_dir / 'drop' / name}")
 
@@ -499,7 +503,7 @@ def users_passwd(data_dir: Path, password_stdin: bool, name: str) -> None:
     """
     try:
         _user_store(data_dir).set_password(name, _read_password(password_stdin) or "")
-    except UserError as error:
+    except ValueError as error:  # fileserver.users.UserError
         raise click.ClickException(str(error)) from None
     click.echo(f"password of {name} changed")
 
@@ -516,7 +520,7 @@ def users_remove(data_dir: Path, name: str) -> None:
     """
     try:
         _user_store(data_dir).remove(name)
-    except UserError as error:
+    except ValueError as error:  # fileserver.users.UserError
         raise click.ClickException(str(error)) from None
     click.echo(f"removed {name}")
 

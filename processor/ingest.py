@@ -20,7 +20,7 @@ from typing import Literal
 import polars as pl
 
 from processor import catalog, panoramic
-from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
+from processor.csvfile import BLOCK_SIZE, BOM, HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
 from processor.greenbutton import espi
 from processor.greenbutton.espi import EspiParser, refuse_dtd
@@ -90,6 +90,16 @@ class Limits:
     max_archive_depth: int = 3
 
 
+@dataclass
+class Staged:
+    """A large measurement file parsed into a scratch table, waiting for its merge."""
+
+    table: str
+    format: panoramic.MeasurementFormat
+    rows: int
+    ignored: list[str]
+
+
 @dataclass(frozen=True)
 class Loaded:
     format: str
@@ -152,16 +162,65 @@ class Ingester:
             return Outcome(name, "duplicate", copy.format, 0, detail, file_id)
         if head.startswith(ZIP_MAGIC):
             return self._ingest_archive(real, entry, known.id if known else None, depth)
+        staged: Staged | None = None
         try:
+            staged = self._stage(real, name, head, size, entry.delivered_at)
             with self.store.transaction():
                 file_id = known.id if known else self.store.next_file_id()
-                loaded = self._load(real, name, head, file_id, entry.delivered_at)
+                if staged is not None:
+                    loaded = self._merge_staged(staged, file_id)
+                else:
+                    loaded = self._load(real, name, head, file_id, entry.delivered_at)
                 self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
                                   rows=loaded.rows, error=None, note=loaded.note,
                                   timezone=loaded.timezone)  # fmt: skip
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
             return self._reject(entry, known.id if known else None, error)
+        finally:
+            if staged is not None:
+                self.store.drop_staging(staged.table)
         return Outcome(name, "ingested", loaded.format, loaded.rows, loaded.note, file_id)
+
+    def _stage(self, real: Path, name: str, head: bytes, size: int, delivered_at: datetime) -> Staged | None:
+        """Load a measurement file of several blocks into a scratch table, block by block.
+
+        A DuckDB transaction keeps what it writes in memory until COMMIT, so one
+        transaction over a 1 GB file needed over 4 GB. The blocks are committed to a
+        scratch table instead; the merge into the reading table and the ledger entry
+        then commit together as before, so the file is still ingested whole or not at
+        all (a crash leaves only the scratch table, dropped at the next start).
+        """
+        if size <= BLOCK_SIZE or looks_like_xml(head) or b"\x00" in head:
+            return None
+        header = read_header(head)
+        fields = normalise_all(header.names)
+        fmt = panoramic.detect(fields)
+        if fmt is None or fmt == "catalog":
+            return None
+        ignored = panoramic.check_header(fmt, fields)
+        table = self.store.create_staging(fmt.table)
+        staged = Staged(table, fmt, 0, ignored)
+        try:
+            for block in read_blocks(real, header):
+                rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
+                rows = rows.with_columns(
+                    pl.lit(None, pl.Int64).alias("file_id"),
+                    pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
+                    pl.lit(name).alias("source_path"),
+                ).select(*fmt.column_names(), *PROVENANCE)
+                self.store.append(table, rows)
+                staged.rows += block.frame.height
+                self.on_rows(block.frame.height)
+        except BaseException:
+            self.store.drop_staging(table)
+            raise
+        return staged
+
+    def _merge_staged(self, staged: Staged, file_id: int) -> Loaded:
+        self.store.merge_staging(staged.format.table, staged.table, staged.format.key, file_id)
+        fmt = staged.format
+        note = f"ignored columns not in {fmt.label}: {', '.join(staged.ignored)}" if staged.ignored else None
+        return Loaded(fmt.name, staged.rows, note)
 
     def _reject(self, entry: Delivery, known_id: int | None, error: Exception) -> Outcome:
         reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"

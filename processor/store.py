@@ -29,6 +29,7 @@ import pyarrow as pa
 from processor.panoramic import MEASUREMENT_FORMATS
 
 SCHEMA_VERSION = 1
+STAGING_PREFIX = "_meterdrop_staging_"
 _BATCH_ROWS = 122_880  # DuckDB's row group size
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
@@ -223,6 +224,7 @@ class Store:
 
     # -- schema -----------------------------------------------------------------
     def _create(self) -> None:
+        self._drop_leftover_staging()
         with self.transaction():
             self.con.execute(_LEDGER_DDL)
             for fmt in MEASUREMENT_FORMATS:
@@ -325,23 +327,65 @@ class Store:
 
         ``rows`` must hold one row per key (the caller keeps the newest within a delivery).
         """
-        columns = [f'"{c}"' for c in rows.columns]
-        key = [f'"{k}"' for k in key]
-        on = " AND ".join(f"t.{k} = s.{k}" for k in key)
-        newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
-        assignments = ", ".join(f"{c} = s.{c}" for c in columns if c not in key)
         # Arrow batches of a row group each let DuckDB scan the delivery on every core.
         batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
         self.con.register("delivery_rows", batches)
         try:
-            self.con.execute(
-                f"MERGE INTO {table} AS t USING delivery_rows AS s ON {on} "
-                f"WHEN MATCHED AND {newer} THEN UPDATE SET {assignments} "
-                f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)}) "
-                f"VALUES ({', '.join('s.' + c for c in columns)})"
-            )
+            self._merge(table, "delivery_rows", rows.columns, key, version)
         finally:
             self.con.unregister("delivery_rows")
+
+    def _merge(
+        self, table: str, source: str, columns: Sequence[str], key: Sequence[str], version: Sequence[str]
+    ) -> None:
+        quoted = [f'"{c}"' for c in columns]
+        keys = [f'"{k}"' for k in key]
+        on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
+        assignments = ", ".join(f"{c} = s.{c}" for c in quoted if c not in keys)
+        self.con.execute(
+            f"MERGE INTO {table} AS t USING {source} AS s ON {on} "
+            f"WHEN MATCHED AND {newer} THEN UPDATE SET {assignments} "
+            f"WHEN NOT MATCHED THEN INSERT ({', '.join(quoted)}) "
+            f"VALUES ({', '.join('s.' + c for c in quoted)})"
+        )
+
+    # -- scratch tables for large files ---------------------------------------------------
+    def create_staging(self, like: str) -> str:
+        name = f"{STAGING_PREFIX}{like}_{time.time_ns()}"
+        self.con.execute(f"CREATE TABLE {name} AS SELECT * FROM {like} LIMIT 0")
+        return name
+
+    def append(self, table: str, rows: pl.DataFrame) -> None:
+        """Add rows to a scratch table, committed at once (autocommit)."""
+        batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
+        self.con.register("staged_rows", batches)
+        try:
+            columns = ", ".join(f'"{c}"' for c in rows.columns)
+            self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_rows")
+        finally:
+            self.con.unregister("staged_rows")
+
+    def merge_staging(self, table: str, staging: str, key: Sequence[str], file_id: int) -> None:
+        """Merge a scratch table into ``table``: the last line of the file wins per key."""
+        keys = ", ".join(f'"{k}"' for k in key)
+        source = (
+            f"(SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging} "
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY source_line DESC) = 1)"
+        )
+        self._merge(table, source, self.table_columns(staging), key, DELIVERY_VERSION)
+
+    def drop_staging(self, name: str) -> None:
+        if name.startswith(STAGING_PREFIX):
+            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+
+    def _drop_leftover_staging(self) -> None:
+        """Scratch tables of a run that crashed: their files will be ingested again."""
+        for (name,) in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE starts_with(table_name, ?)",
+            [STAGING_PREFIX],
+        ).fetchall():
+            self.con.execute(f"DROP TABLE IF EXISTS {name}")
 
     def add_catalog_columns(self, names: Sequence[str]) -> list[str]:
         """Make room for vendor columns first seen now; return all catalog columns in order."""

@@ -108,3 +108,59 @@ def test_small_blocks_give_the_same_table_as_one_block(
     assert store.con.execute(
         "SELECT count(*), count(DISTINCT device_name), min(site_name), sum(energy_wh) FROM panoramic_measurements"
     ).fetchone() == (20, 2, "site\nwith newline", 90.0)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make a few hundred bytes count as a large file, so it takes the staged path."""
+    from processor import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "BLOCK_SIZE", 200)
+    monkeypatch.setattr(csvfile.read_blocks, "__defaults__", (200,))
+
+
+def _staging_tables(store: Store) -> list[tuple[str]]:
+    return store.con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_name LIKE '_meterdrop_staging_%'"
+    ).fetchall()
+
+
+def test_large_file_is_staged_and_the_last_line_wins_across_blocks(
+    tmp_path: Path, store: Store, ingest, small_blocks: None
+) -> None:
+    lines = [MEASUREMENTS_HEADER] + [f"{d},dev,2024-01-01T{h:02d}:00:00Z,60,1,s,1,230,2,1,{h}" for h in range(12)
+                                      for d in range(3)]  # fmt: skip
+    lines.append(
+        "1,dev,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,999"
+    )  # repeats the first reading, in a later block
+    outcome = ingest(write_delivery(tmp_path / "big.csv", lines, at("2024-01-02 00:00")))
+    assert (outcome.status, outcome.rows) == ("ingested", 37)
+    assert store.con.execute("SELECT count(*), sum(energy_wh) FROM panoramic_measurements").fetchone() == (
+        36, 3 * sum(range(12)) + 999.0)  # fmt: skip
+    assert store.con.execute(
+        "SELECT source_line, file_id FROM panoramic_measurements WHERE device_id = '1' AND energy_wh = 999"
+    ).fetchone() == (38, outcome.file_id)
+    assert _staging_tables(store) == []
+
+
+def test_a_bad_line_in_a_staged_file_rejects_it_and_leaves_nothing(
+    tmp_path: Path, store: Store, ingest, small_blocks: None
+) -> None:
+    lines = [MEASUREMENTS_HEADER] + [f"{d},dev,2024-01-01T{h:02d}:00:00Z,60,1,s,1,230,2,1,{h}" for h in range(12)
+                                      for d in range(3)]  # fmt: skip
+    lines[30] = lines[30].replace(",230,", ",volts,")
+    outcome = ingest(write_delivery(tmp_path / "big.csv", lines))
+    assert (outcome.status, outcome.detail) == (
+        "rejected",
+        "line 31: voltage(V) value 'volts' is not a number",
+    )
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+    assert _staging_tables(store) == []
+
+
+def test_scratch_tables_left_by_a_crash_are_dropped_at_open(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.duckdb") as first:
+        first.create_staging("panoramic_measurements")  # as if killed while staging
+        assert len(_staging_tables(first)) == 1
+    with Store(tmp_path / "db.duckdb") as second:
+        assert _staging_tables(second) == []
