@@ -1,22 +1,26 @@
 """Brute-force protection shared by SFTP and FTPS: failed logins are slowed, then banned.
 
 Counted per client address; a ban covers both protocols, since they share credentials.
+The defaults are SFTPGo's: 15 failures within 30 minutes ban the address for 30 minutes.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+log = logging.getLogger("meterdrop.guard")
+
 
 @dataclass
 class GuardPolicy:
-    max_failures: int = 5  # failed logins within ``window`` before a ban
-    window: float = 600.0
-    ban_seconds: float = 900.0
+    max_failures: int = 15  # failed logins within ``window`` before a ban
+    window: float = 1800.0
+    ban_seconds: float = 1800.0
     delay_per_failure: float = 0.5  # answer a failed login this much later per recent failure
     max_delay: float = 4.0
 
@@ -50,6 +54,8 @@ class Guard:
             if len(recent) >= self.policy.max_failures:
                 self._banned_until[address] = now + self.policy.ban_seconds
                 recent.clear()
+                log.warning("banned %s for %.0f s after %d failed logins within %.0f s", address,
+                            self.policy.ban_seconds, self.policy.max_failures, self.policy.window)  # fmt: skip
             return min(self.policy.delay_per_failure * len(recent), self.policy.max_delay)
 
     def succeeded(self, address: str) -> None:

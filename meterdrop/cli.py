@@ -394,9 +394,28 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     callback=_check_zone,
     help="IANA zone for local-time utility CSVs dropped in (see `ingest --help`).",
 )
+@click.option(
+    "--max-connections-per-ip", default=10, show_default=True, help="FTPS connections one address may hold."
+)
+@click.option(
+    "--idle-timeout", default=300, show_default=True, help="Seconds before an idle FTPS session is closed."
+)
+@click.option(
+    "--ban-after",
+    default=15,
+    show_default=True,
+    help="Failed logins within --ban-window that ban an address.",
+)
+@click.option(
+    "--ban-window", default=1800, show_default=True, help="Seconds over which failed logins are counted."
+)
+@click.option(
+    "--ban-time", default=1800, show_default=True, help="Seconds an address stays banned (both protocols)."
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log every connection and command.")
 def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port: int, passive_ports: range,
           public_host: str | None, certs_dir: Path, max_upload_size: int | None, timezone: str | None,
+          max_connections_per_ip: int, idle_timeout: int, ban_after: int, ban_window: int, ban_time: int,
           verbose: bool) -> None:  # fmt: skip
     """Run the SFTP and FTPS drop servers and ingest every complete delivery.
 
@@ -414,6 +433,7 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
     import asyncio
     import logging
 
+    from fileserver.guard import GuardPolicy
     from meterdrop.serve import ServeConfig
     from meterdrop.serve import serve as run
 
@@ -426,6 +446,8 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
         data_dir=data_dir, database=_database(data_dir, db), certs_dir=certs_dir, host=host, sftp_port=sftp_port,
         ftps_port=ftps_port, passive_ports=passive_ports, public_host=public_host,
         max_upload_bytes=max_upload_size, timezone=timezone,
+        guard=GuardPolicy(max_failures=ban_after, window=ban_window, ban_seconds=ban_time),
+        max_connections_per_ip=max_connections_per_ip, idle_timeout=idle_timeout,
     )  # fmt: skip
     try:
         asyncio.run(run(config))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fileserver.drops import sweep_partials
 from fileserver.ftps import FtpsServer
-from fileserver.guard import Guard
+from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from processor.ingest import Ingester
@@ -38,6 +38,9 @@ class ServeConfig:
     public_host: str | None
     max_upload_bytes: int | None
     timezone: str | None
+    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    max_connections_per_ip: int = 10
+    idle_timeout: int = 300
     db_wait: float = 3600.0
 
 
@@ -56,7 +59,7 @@ def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
 async def serve(config: ServeConfig) -> None:
     """Run until SIGINT or SIGTERM."""
     users = UserStore(config.data_dir)
-    guard = Guard()
+    guard = Guard(config.guard)
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     config.database.parent.mkdir(parents=True, exist_ok=True)
     drop_root = users.drop_root
@@ -68,6 +71,7 @@ async def serve(config: ServeConfig) -> None:
     ftps = FtpsServer(
         host=config.host, port=config.ftps_port, passive_ports=config.passive_ports, users=users, guard=guard,
         certs_dir=config.certs_dir, public_host=config.public_host, max_upload_bytes=config.max_upload_bytes,
+        max_connections_per_ip=config.max_connections_per_ip, idle_timeout=config.idle_timeout,
         on_published=watcher.notify,
     )  # fmt: skip
     ftps.start()
