@@ -20,7 +20,7 @@ from typing import Literal
 import polars as pl
 
 from processor import catalog, panoramic
-from processor.csvfile import BLOCK_SIZE, BOM, HEADER_LIMIT, read_blocks, read_header
+from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
 from processor.greenbutton import espi
 from processor.greenbutton.espi import EspiParser, refuse_dtd
@@ -32,6 +32,7 @@ from processor.timezones import system_timezone
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
+STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
 RowsCallback = Callable[[int], None]
 
 
@@ -185,12 +186,13 @@ class Ingester:
         """Load a measurement file of several blocks into a scratch table, block by block.
 
         A DuckDB transaction keeps what it writes in memory until COMMIT, so one
-        transaction over a 1 GB file needed over 4 GB. The blocks are committed to a
+        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` (below it,
+        merging block by block in one transaction is faster and small enough) the blocks are committed to a
         scratch table instead; the merge into the reading table and the ledger entry
         then commit together as before, so the file is still ingested whole or not at
         all (a crash leaves only the scratch table, dropped at the next start).
         """
-        if size <= BLOCK_SIZE or looks_like_xml(head) or b"\x00" in head:
+        if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
             return None
         header = read_header(head)
         fields = normalise_all(header.names)

@@ -115,7 +115,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make a few hundred bytes count as a large file, so it takes the staged path."""
     from processor import ingest as ingest_module
 
-    monkeypatch.setattr(ingest_module, "BLOCK_SIZE", 200)
+    monkeypatch.setattr(ingest_module, "STAGING_BYTES", 200)
     monkeypatch.setattr(csvfile.read_blocks, "__defaults__", (200,))
 
 
