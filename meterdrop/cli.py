@@ -129,20 +129,24 @@ def _check_zone(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
+def _timezone_option(f: Any) -> Any:
+    return click.option(
+        "--timezone",
+        "timezone",
+        envvar="METERDROP_TIMEZONE",
+        metavar="TZ",
+        callback=_check_zone,
+        help="IANA zone of local times in utility CSV downloads, e.g. America/New_York "
+        "[default: the utility's own zone (PG&E, SCE, SDG&E: America/Los_Angeles), else the "
+        "system zone; the zone used is recorded in the ledger] (env METERDROP_TIMEZONE).",
+    )(f)
+
+
 @main.command(context_settings=CONTEXT)
 @_data_dir_option
 @_db_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only rejected files.")
-@click.option(
-    "--timezone",
-    "timezone",
-    envvar="METERDROP_TIMEZONE",
-    metavar="TZ",
-    callback=_check_zone,
-    help="IANA zone of local times in utility CSV downloads, e.g. America/New_York "
-    "[default: the utility's own zone (PG&E, SCE, SDG&E: America/Los_Angeles), else the "
-    "system zone; the zone used is recorded in the ledger] (env METERDROP_TIMEZONE).",
-)
+@_timezone_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, paths: Sequence[Path]) -> None:
     """Load files into the database, newest delivery of each reading winning.
@@ -386,14 +390,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     callback=_size,
     help="Largest upload accepted, e.g. 500M.",
 )
-@click.option(
-    "--timezone",
-    "timezone",
-    envvar="METERDROP_TIMEZONE",
-    metavar="TZ",
-    callback=_check_zone,
-    help="IANA zone for local-time utility CSVs dropped in (see `ingest --help`).",
-)
+@_timezone_option
 @click.option(
     "--max-connections-per-ip", default=10, show_default=True, help="FTPS connections one address may hold."
 )

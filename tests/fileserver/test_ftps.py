@@ -38,6 +38,7 @@ from fileserver.ftps import FtpsServer
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.tlscert import CertificateError
 from fileserver.users import UserStore
+from tests.conftest import eventually
 
 from .conftest import VENDOR, VENDOR_PASSWORD
 
@@ -158,15 +159,6 @@ class SessionReusingFTP_TLS(ftplib.FTP_TLS):
         assert isinstance(self.sock, ssl.SSLSocket)
         conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
         return conn, size
-
-
-def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def hidden(folder: Path) -> list[str]:

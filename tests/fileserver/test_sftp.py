@@ -28,6 +28,7 @@ import pytest
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
+from tests.conftest import eventually
 
 from .conftest import VENDOR, VENDOR_PASSWORD
 
@@ -90,15 +91,6 @@ def serve(users: UserStore, guard: Guard, host_certs: Path) -> Iterator[Callable
     yield start
     for server in started:
         server.stop()
-
-
-def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def partials(folder: Path) -> list[Path]:
