@@ -59,7 +59,7 @@ def delivery_time(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime_ns // 1000 / 1_000_000, tz=UTC)
 
 
-def _unrecognised(head: bytes, header_names: list[str]) -> Rejected:
+def _unrecognised(header_names: list[str]) -> Rejected:
     shown = ", ".join(name.strip() for name in header_names[:12])
     more = f" (+{len(header_names) - 12} more)" if len(header_names) > 12 else ""
     return Rejected(f"unrecognised format: CSV header [{shown}{more}] is not a known export")
@@ -256,7 +256,7 @@ class Ingester:
             text = head.removeprefix(BOM).decode("utf-8", errors="replace")
             if detect_utility_csv(text):
                 return self._load_utility_csv(real, provenance)
-            raise _unrecognised(head, header.names)
+            raise _unrecognised(header.names)
         total = 0
         if fmt == "catalog":
             columns = self.store.add_catalog_columns(catalog.vendor_columns(fields))

@@ -26,6 +26,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from processor.greenbutton.model import INTERVAL_KEY
 from processor.panoramic import MEASUREMENT_FORMATS
 
 SCHEMA_VERSION = 1
@@ -84,7 +85,7 @@ CREATE TABLE IF NOT EXISTS greenbutton_usage_summaries (
 
 # Green Button tables and their keys; their version is the Atom ``updated`` where the file has it.
 GREENBUTTON_KEYS: dict[str, tuple[str, ...]] = {
-    "greenbutton_intervals": ("usage_point", "reading_type", "interval_start", "duration_s"),
+    "greenbutton_intervals": INTERVAL_KEY,
     "greenbutton_usage_points": ("usage_point",),
     "greenbutton_reading_types": ("reading_type",),
     "greenbutton_usage_summaries": ("usage_point", "summary", "billing_period_start"),

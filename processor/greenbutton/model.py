@@ -46,7 +46,3 @@ QUALITY_NAMES = {
 }  # fmt: skip
 
 CURRENCIES = {840: "USD", 124: "CAD", 978: "EUR", 826: "GBP", 36: "AUD", 484: "MXN"}
-
-
-def empty_intervals() -> pl.DataFrame:
-    return pl.DataFrame(schema=INTERVAL_SCHEMA)
