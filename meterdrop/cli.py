@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from processor.ingest import Ingester, Outcome, expand
+from processor.ingest import Ingester, Limits, Outcome, expand
 from processor.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -129,6 +129,28 @@ def _check_zone(ctx: click.Context, param: click.Parameter, value: str | None) -
     return value
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    text = value.strip().upper().removesuffix("B")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
+
+
+def _max_file_size_option(f: Any) -> Any:
+    return click.option(
+        "--max-file-size",
+        default="4G",
+        show_default=True,
+        callback=_size,
+        help="Refuse (and ledger as rejected) any file larger than this, e.g. 500M.",
+    )(f)
+
+
 def _timezone_option(f: Any) -> Any:
     return click.option(
         "--timezone",
@@ -147,8 +169,10 @@ def _timezone_option(f: Any) -> Any:
 @_db_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only rejected files.")
 @_timezone_option
+@_max_file_size_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, paths: Sequence[Path]) -> None:
+def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, max_file_size: int,
+           paths: Sequence[Path]) -> None:  # fmt: skip
     """Load files into the database, newest delivery of each reading winning.
 
     PATHS are files, folders (searched recursively; hidden names are skipped) or ZIPs.
@@ -202,7 +226,9 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, p
             elapsed = max(time.perf_counter() - started, 1e-9)
             progress.update(task, rate=f"{rows_total / elapsed:,.0f} rows/s")
 
-        ingester = Ingester(store, on_rows=on_rows, timezone=timezone)
+        ingester = Ingester(
+            store, on_rows=on_rows, timezone=timezone, limits=Limits(max_file_bytes=max_file_size)
+        )
         for index, path in enumerate(files, 1):
             outcome = ingester.ingest(path)
             rejected += _any_rejected(outcome)
@@ -345,18 +371,6 @@ def _port_range(ctx: click.Context, param: click.Parameter, value: str) -> range
     return range(first, last + 1)
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    text = value.strip().upper().removesuffix("B")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
-
-
 @main.command(context_settings=CONTEXT)
 @_data_dir_option
 @_db_option
@@ -391,6 +405,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     help="Largest upload accepted, e.g. 500M.",
 )
 @_timezone_option
+@_max_file_size_option
 @click.option(
     "--max-connections-per-ip", default=10, show_default=True, help="FTPS connections one address may hold."
 )
@@ -412,7 +427,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--verbose", "-v", is_flag=True, help="Log every connection and command.")
 def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port: int, passive_ports: range,
           public_host: str | None, certs_dir: Path, max_upload_size: int | None, timezone: str | None,
-          max_connections_per_ip: int, idle_timeout: int, ban_after: int, ban_window: int, ban_time: int,
+          max_file_size: int, max_connections_per_ip: int, idle_timeout: int, ban_after: int, ban_window: int, ban_time: int,
           verbose: bool) -> None:  # fmt: skip
     """Run the SFTP and FTPS drop servers and ingest every complete delivery.
 
@@ -444,7 +459,7 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
         ftps_port=ftps_port, passive_ports=passive_ports, public_host=public_host,
         max_upload_bytes=max_upload_size, timezone=timezone,
         guard=GuardPolicy(max_failures=ban_after, window=ban_window, ban_seconds=ban_time),
-        max_connections_per_ip=max_connections_per_ip, idle_timeout=idle_timeout,
+        max_connections_per_ip=max_connections_per_ip, idle_timeout=idle_timeout, max_file_bytes=max_file_size,
     )  # fmt: skip
     try:
         asyncio.run(run(config))

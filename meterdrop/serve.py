@@ -19,7 +19,7 @@ from fileserver.ftps import FtpsServer
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
-from processor.ingest import Ingester
+from processor.ingest import Ingester, Limits
 from processor.store import open_store
 from processor.watcher import DropWatcher
 
@@ -41,13 +41,16 @@ class ServeConfig:
     guard: GuardPolicy = field(default_factory=GuardPolicy)
     max_connections_per_ip: int = 10
     idle_timeout: int = 300
+    max_file_bytes: int = Limits().max_file_bytes
     db_wait: float = 3600.0
 
 
 def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
     with open_store(config.database, wait=config.db_wait,
                     on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
-        ingester = Ingester(store, timezone=config.timezone)
+        ingester = Ingester(
+            store, timezone=config.timezone, limits=Limits(max_file_bytes=config.max_file_bytes)
+        )
         for path in paths:
             outcome = ingester.ingest(path)
             if outcome.status == "rejected":

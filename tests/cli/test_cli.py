@@ -146,3 +146,14 @@ def test_timezone_option_is_checked_and_recorded(tmp_path: Path) -> None:
                     "SELECT f.timezone, i.interval_start, i.duration_s, i.value FROM greenbutton_intervals i "
                     "JOIN files f ON f.id = i.file_id")  # fmt: skip
     assert got.stdout.splitlines()[1] == "America/New_York,2025-01-15T05:00:00+00:00,3600,1500.0"
+
+
+def test_max_file_size_refuses_larger_files_with_a_reason(tmp_path: Path, drops: Path) -> None:
+    big = drops / "Measurements" / "a.csv"
+    result = meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), "--max-file-size", "100", str(big))
+    assert result.returncode == 1
+    assert (
+        f"rejected  {big}: file of {big.stat().st_size:,} bytes is over the 100-byte limit" in result.stdout
+    )
+    bad = meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), "--max-file-size", "lots", str(big))
+    assert bad.returncode == 2 and "'lots' is not a size like 500M or 2G" in bad.stderr
