@@ -2,8 +2,9 @@
 
 Uploads become visible by a rename when complete (the servers' contract), so a moved-in
 or published file is ready at once.  A file copied in by hand appears first and is
-written afterwards: it is ready when its writer closes it (inotify's close-after-write),
-or, where no close is reported, when it has been quiet for ``settle`` seconds.  At start
+written afterwards, perhaps by several writers one after another (``cat a >> f; cat b
+>> f``): it is ready once it has been quiet, with no write, open or close, for
+``settle`` seconds, so a slow hand copy is ingested once, complete.  At start
 the whole tree is scanned, so a file that arrived while meterdrop was down is not missed.
 Hidden names (a leading dot) are never taken: they are uploads in progress; nor are
 the temporary names upload clients write before renaming (``*.tmp``, ``*.part``,
@@ -115,9 +116,7 @@ class DropWatcher(FileSystemEventHandler):
             return
         if isinstance(event, FileMovedEvent):
             self.notify(Path(os.fsdecode(event.dest_path)))
-        elif isinstance(event, FileClosedEvent):
-            self.notify(Path(os.fsdecode(event.src_path)))
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent):
             path = Path(os.fsdecode(event.src_path))
             if visible(path, self.root):
                 with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import time
 from pathlib import Path
 
 from processor.watcher import DropWatcher
@@ -91,3 +92,20 @@ def test_client_temporary_names_wait_for_their_rename(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert seen.empty()
+
+
+def test_a_file_written_by_several_writers_in_turn_is_taken_once_complete(tmp_path: Path) -> None:
+    contents: queue.Queue[str] = queue.Queue()
+    watcher = DropWatcher(tmp_path, lambda paths: [contents.put(p.read_text()) for p in paths], settle=1.0,
+                          batch_wait=0.05)  # fmt: skip
+    watcher.start()
+    try:
+        slow = tmp_path / "slow.csv"
+        for part in ("a,b\n", "1,2\n", "3,4\n"):  # a slow writer: three sessions, 0.3 s apart
+            with slow.open("a") as f:
+                f.write(part)
+            time.sleep(0.3)  # the slowness being simulated, not a wait for the watcher
+        assert contents.get(timeout=10) == "a,b\n1,2\n3,4\n"
+    finally:
+        watcher.stop()
+    assert contents.empty()
