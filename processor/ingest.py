@@ -33,6 +33,7 @@ Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
 STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
+ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
 RowsCallback = Callable[[int], None]
 
 
@@ -297,13 +298,24 @@ class Ingester:
 
     def _load_espi(self, real: Path, head: bytes, provenance: list[pl.Expr]) -> Loaded:
         refuse_dtd(head)
+        pending: list[pl.DataFrame] = []
+
+        def write_pending() -> None:
+            if pending:
+                rows = pl.concat(pending)
+                pending.clear()
+                self._write_versioned("greenbutton_intervals", self._greenbutton_rows(rows, provenance))
 
         def sink(frame: pl.DataFrame) -> None:
-            self._write_versioned("greenbutton_intervals", self._greenbutton_rows(frame, provenance))
+            # Typed frames are small; merging fewer, larger ones saves DuckDB's per-statement cost.
+            pending.append(frame)
+            if sum(f.height for f in pending) >= ESPI_MERGE_ROWS:
+                write_pending()
             self.on_rows(frame.height)
 
         with real.open("rb") as stream:
             result = EspiParser(sink).parse(stream)
+        write_pending()
         for table, records in (
             ("greenbutton_usage_points", result.usage_points),
             ("greenbutton_reading_types", result.reading_types),
