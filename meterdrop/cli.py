@@ -70,8 +70,9 @@ def _open_existing(path: Path) -> Store:
         return open_store(path, read_only=True, wait=_DB_WAIT, on_wait=_waiting)
     except duckdb.IOException as error:
         raise click.ClickException(
-            f"cannot open {path}: {error}. Another process has held it for over {_DB_WAIT:.0f}s "
-            "(a DuckDB CLI or notebook with the file open for writing?): close it and try again."
+            f"cannot open {path}: {error}. Another process has held it for over {_DB_WAIT:.0f}s: a DuckDB "
+            "CLI or notebook with the file open (close it), or `meterdrop serve` ingesting one very large "
+            "file (try again when it is done)."
         ) from None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fileserver.ftps import FtpsServer
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
-from processor.ingest import Ingester, Limits
+from processor.ingest import Ingester, Limits, Outcome
 from processor.store import open_store
 from processor.watcher import DropWatcher
 
@@ -45,18 +46,32 @@ class ServeConfig:
     db_wait: float = 3600.0
 
 
+HOLD_SECONDS = 1.0  # longest the server keeps the database to itself while others may wait
+YIELD_SECONDS = 0.2  # then it lets go this long, so `meterdrop query` and the DuckDB CLI get in
+
+
 def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
-    with open_store(config.database, wait=config.db_wait,
-                    on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
-        ingester = Ingester(
-            store, timezone=config.timezone, limits=Limits(max_file_bytes=config.max_file_bytes)
-        )
-        for path in paths:
-            outcome = ingester.ingest(path)
-            if outcome.status == "rejected":
-                log.warning("rejected %s: %s", outcome.path, outcome.detail)
-            elif outcome.status != "unchanged":
-                log.info("%s %s (%s, %d rows)", outcome.status, outcome.path, outcome.format, outcome.rows)
+    """Ingest ready files, letting go of the database every second so readers are not shut out."""
+    remaining = list(paths)
+    limits = Limits(max_file_bytes=config.max_file_bytes)
+    while remaining:
+        with open_store(config.database, wait=config.db_wait,
+                        on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
+            ingester = Ingester(store, timezone=config.timezone, limits=limits)
+            deadline = time.monotonic() + HOLD_SECONDS
+            while True:  # at least one file per slice, however short the slice
+                _log_outcome(ingester.ingest(remaining.pop(0)))
+                if not remaining or time.monotonic() >= deadline:
+                    break
+        if remaining:
+            time.sleep(YIELD_SECONDS)
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    if outcome.status == "rejected":
+        log.warning("rejected %s: %s", outcome.path, outcome.detail)
+    elif outcome.status != "unchanged":
+        log.info("%s %s (%s, %d rows)", outcome.status, outcome.path, outcome.format, outcome.rows)
 
 
 async def serve(config: ServeConfig) -> None:

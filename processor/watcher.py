@@ -3,8 +3,10 @@
 Uploads become visible by a rename when complete (the servers' contract), so a moved-in
 or published file is ready at once.  A file copied in by hand appears first and is
 written afterwards, perhaps by several writers one after another (``cat a >> f; cat b
->> f``): it is ready once it has been quiet, with no write, open or close, for
-``settle`` seconds, so a slow hand copy is ingested once, complete.  At start
+>> f``): it is ready once its size and modification time have stood still for ``settle``
+seconds, so a slow hand copy is ingested once, complete.  The kernel is not asked for
+per-write events at all: an upload in progress writes thousands of them, and handling
+them in Python took a third of the SFTP server's speed (bench/README.md).  At start
 the whole tree is scanned, so a file that arrived while meterdrop was down is not missed.
 Hidden names (a leading dot) are never taken: they are uploads in progress; nor are
 the temporary names upload clients write before renaming (``*.tmp``, ``*.part``,
@@ -25,7 +27,6 @@ from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
-    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -61,6 +62,14 @@ def scan(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 class DropWatcher(FileSystemEventHandler):
     """Watches ``root`` and calls ``process`` with batches of ready files, on one thread.
 
@@ -74,7 +83,8 @@ class DropWatcher(FileSystemEventHandler):
         self.settle = settle
         self.batch_wait = batch_wait
         self._ready: queue.Queue[Path | None] = queue.Queue()
-        self._quiet: dict[Path, float] = {}  # created or written, waiting for a close or for quiet
+        # created or closed by hand, waiting for its size and time to stand still
+        self._quiet: dict[Path, tuple[float, tuple[int, int] | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._observer = Observer()
@@ -83,7 +93,10 @@ class DropWatcher(FileSystemEventHandler):
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._observer.schedule(self, str(self.root), recursive=True)
+        self._observer.schedule(
+            self, str(self.root), recursive=True,
+            event_filter=[FileCreatedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent],
+        )  # fmt: skip
         self._observer.start()  # watch first, then scan: nothing falls between the two
         for path in scan(self.root):
             self._ready.put(path)
@@ -116,20 +129,25 @@ class DropWatcher(FileSystemEventHandler):
             return
         if isinstance(event, FileMovedEvent):
             self.notify(Path(os.fsdecode(event.dest_path)))
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent | FileClosedEvent):
+        elif isinstance(event, FileCreatedEvent | FileClosedEvent):
             path = Path(os.fsdecode(event.src_path))
             if visible(path, self.root):
                 with self._lock:
-                    self._quiet[path] = time.monotonic()
+                    self._quiet[path] = (time.monotonic(), _signature(path))
 
     # -- the worker --------------------------------------------------------------------------
     def _due(self) -> list[Path]:
-        """Files that were written and then left alone for ``settle`` seconds."""
+        """Files whose size and time have not changed for ``settle`` seconds."""
         now = time.monotonic()
+        due = []
         with self._lock:
-            due = [p for p, last in self._quiet.items() if now - last >= self.settle]
-            for path in due:
-                del self._quiet[path]
+            for path, (since, seen) in list(self._quiet.items()):
+                current = _signature(path)
+                if current != seen:
+                    self._quiet[path] = (now, current)
+                elif now - since >= self.settle:
+                    due.append(path)
+                    del self._quiet[path]
         return due
 
     def _work(self) -> None:

@@ -162,3 +162,34 @@ def test_files_dropped_while_down_are_taken_at_start(tmp_path: Path) -> None:
         assert [(r["path"], r["status"]) for r in ledger] == [(str(dropped), "ingested")]
     finally:
         assert server.stop() == 0
+
+
+def test_a_backlog_lets_go_of_the_database_between_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers must get in while the server works through many files (it once held it 81 s)."""
+    import meterdrop.serve as serving
+    from processor.store import open_store
+
+    opened: list[Path] = []
+
+    def counting_open(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        opened.append(path)
+        return open_store(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving, "open_store", counting_open)
+    monkeypatch.setattr(serving, "HOLD_SECONDS", 0.0)
+    monkeypatch.setattr(serving, "YIELD_SECONDS", 0.0)
+    files = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.csv"
+        path.write_text(MEASUREMENTS_HEADER + f"\n{i},d,2024-03-01T09:00:00Z,60,1,HQ,1,230,230,1,230\n")
+        files.append(path)
+    config = serving.ServeConfig(
+        data_dir=tmp_path, database=tmp_path / "db.duckdb", certs_dir=tmp_path / "certs", host="127.0.0.1",
+        sftp_port=0, ftps_port=0, passive_ports=range(1, 2), public_host=None, max_upload_bytes=None, timezone=None,
+    )  # fmt: skip
+    serving._ingest_batch(config, files)
+    assert len(opened) == 3  # one slice per file when a slice may last no time at all
+    with open_store(tmp_path / "db.duckdb", read_only=True) as store:
+        assert store.con.execute("SELECT count(*) FROM files WHERE status = 'ingested'").fetchone() == (3,)
