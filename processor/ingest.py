@@ -23,7 +23,7 @@ from processor import catalog, panoramic
 from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
 from processor.greenbutton import espi
-from processor.greenbutton.espi import EspiParser, refuse_dtd
+from processor.greenbutton.espi import EspiParser, EspiResult, refuse_dtd
 from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv
 from processor.headers import normalise_all
 from processor.store import GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
@@ -33,6 +33,7 @@ Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
 STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
+XML_STAGING_BYTES = 16 * 1024 * 1024  # ESPI feeds above this too (about 80k readings)
 ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
 RowsCallback = Callable[[int], None]
 
@@ -94,12 +95,15 @@ class Limits:
 
 @dataclass
 class Staged:
-    """A large measurement file parsed into a scratch table, waiting for its merge."""
+    """A large file parsed into a scratch table, waiting for its merge."""
 
     table: str
-    format: panoramic.MeasurementFormat
+    format: panoramic.MeasurementFormat | None  # None: a Green Button XML feed
     rows: int
     ignored: list[str]
+    espi: EspiResult | None = None
+    delivered_at: datetime | None = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,8 @@ class Ingester:
         then commit together as before, so the file is still ingested whole or not at
         all (a crash leaves only the scratch table, dropped at the next start).
         """
+        if looks_like_xml(head) and size > XML_STAGING_BYTES:
+            return self._stage_espi(real, name, head, delivered_at)
         if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
             return None
         header = read_header(head)
@@ -219,9 +225,37 @@ class Ingester:
             raise
         return staged
 
+    def _stage_espi(self, real: Path, name: str, head: bytes, delivered_at: datetime) -> Staged:
+        """A large ESPI feed: its interval rows go to a scratch table as they are parsed."""
+        refuse_dtd(head)
+        table = self.store.create_staging("greenbutton_intervals")
+        provenance = self._provenance(None, delivered_at, name)
+        try:
+
+            def sink(frame: pl.DataFrame) -> None:
+                self.store.append(table, self._greenbutton_rows(frame, provenance))
+                self.on_rows(frame.height)
+
+            with real.open("rb") as stream:
+                result = EspiParser(sink).parse(stream)
+        except BaseException:
+            self.store.drop_staging(table)
+            raise
+        return Staged(table, None, result.readings, [], result, delivered_at, name)
+
     def _merge_staged(self, staged: Staged, file_id: int) -> Loaded:
-        self.store.merge_staging(staged.format.table, staged.table, staged.format.key, file_id)
+        if staged.espi is not None:
+            self.store.merge_staging(
+                "greenbutton_intervals", staged.table, GREENBUTTON_KEYS["greenbutton_intervals"], file_id,
+                order="version_at DESC, source_line DESC", version=UPDATED_VERSION,
+            )  # fmt: skip
+            assert staged.delivered_at is not None
+            return self._espi_objects(
+                staged.espi, self._provenance(file_id, staged.delivered_at, staged.name)
+            )
         fmt = staged.format
+        assert fmt is not None
+        self.store.merge_staging(fmt.table, staged.table, fmt.key, file_id)
         note = f"ignored columns not in {fmt.label}: {', '.join(staged.ignored)}" if staged.ignored else None
         return Loaded(fmt.name, staged.rows, note)
 
@@ -241,13 +275,17 @@ class Ingester:
         return self._reject(entry, None, Rejected(reason))
 
     # -- formats -------------------------------------------------------------------------
-    def _load(self, real: Path, name: str, head: bytes, file_id: int, delivered_at: datetime) -> Loaded:
-        _sniff(head)
-        provenance = [
+    @staticmethod
+    def _provenance(file_id: int | None, delivered_at: datetime, name: str) -> list[pl.Expr]:
+        return [
             pl.lit(file_id, pl.Int64).alias("file_id"),
             pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
             pl.lit(name).alias("source_path"),
         ]
+
+    def _load(self, real: Path, name: str, head: bytes, file_id: int, delivered_at: datetime) -> Loaded:
+        _sniff(head)
+        provenance = self._provenance(file_id, delivered_at, name)
         if looks_like_xml(head):
             return self._load_espi(real, head, provenance)
         header = read_header(head)
@@ -316,6 +354,10 @@ class Ingester:
         with real.open("rb") as stream:
             result = EspiParser(sink).parse(stream)
         write_pending()
+        return self._espi_objects(result, provenance)
+
+    def _espi_objects(self, result: EspiResult, provenance: list[pl.Expr]) -> Loaded:
+        """The feed's usage points, reading types and summaries; a feed without any content is refused."""
         for table, records in (
             ("greenbutton_usage_points", result.usage_points),
             ("greenbutton_reading_types", result.reading_types),

@@ -367,14 +367,23 @@ class Store:
         finally:
             self.con.unregister("staged_rows")
 
-    def merge_staging(self, table: str, staging: str, key: Sequence[str], file_id: int) -> None:
-        """Merge a scratch table into ``table``: the last line of the file wins per key."""
+    def merge_staging(
+        self,
+        table: str,
+        staging: str,
+        key: Sequence[str],
+        file_id: int,
+        *,
+        order: str = "source_line DESC",
+        version: Sequence[str] = DELIVERY_VERSION,
+    ) -> None:
+        """Merge a scratch table into ``table``, keeping per key the row first in ``order``."""
         keys = ", ".join(f'"{k}"' for k in key)
         source = (
             f"(SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging} "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY source_line DESC) = 1)"
+            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1)"
         )
-        self._merge(table, source, self.table_columns(staging), key, DELIVERY_VERSION)
+        self._merge(table, source, self.table_columns(staging), key, version)
 
     def drop_staging(self, name: str) -> None:
         if name.startswith(STAGING_PREFIX):
