@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -378,7 +378,24 @@ class Account:
             run(["userdel", self.name])
 
 
-class OpenSshd:
+class _Daemon:
+    """A baseline server process started by the benchmark, with its log file."""
+
+    process: subprocess.Popen[bytes]
+    _log: IO[str]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class OpenSshd(_Daemon):
     """OpenSSH's sshd on 127.0.0.1 with a throw-away configuration, host key and authorized key."""
 
     def __init__(self, folder: Path, account: Account, pubkey: Path, subsystem: str) -> None:
@@ -407,18 +424,8 @@ class OpenSshd:
                                         stderr=subprocess.STDOUT)  # fmt: skip
         wait_port(self.port, self.process, "sshd")
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
-
-class Vsftpd:
+class Vsftpd(_Daemon):
     """vsftpd with explicit TLS on 127.0.0.1, a self-signed certificate, passive mode only."""
 
     def __init__(self, folder: Path, account: Account, root: Path) -> None:
@@ -447,16 +454,6 @@ class Vsftpd:
         self._log = (folder / "vsftpd.log").open("w")
         self.process = subprocess.Popen([VSFTPD, str(config)], stdout=self._log, stderr=subprocess.STDOUT)
         wait_port(self.port, self.process, "vsftpd")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def missing_baseline_tools() -> list[str]:

@@ -188,14 +188,15 @@ class Ingester:
         return Outcome(name, "ingested", loaded.format, loaded.rows, loaded.note, file_id)
 
     def _stage(self, real: Path, name: str, head: bytes, size: int, delivered_at: datetime) -> Staged | None:
-        """Load a measurement file of several blocks into a scratch table, block by block.
+        """Load a large file into a scratch table, block by block (None: load it directly).
 
         A DuckDB transaction keeps what it writes in memory until COMMIT, so one
-        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` (below it,
-        merging block by block in one transaction is faster and small enough) the blocks are committed to a
-        scratch table instead; the merge into the reading table and the ledger entry
-        then commit together as before, so the file is still ingested whole or not at
-        all (a crash leaves only the scratch table, dropped at the next start).
+        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` (a CSV) or
+        ``XML_STAGING_BYTES`` (an ESPI feed) the rows are committed to a scratch table
+        instead; the merge into the reading table and the ledger entry then commit
+        together, so the file is still ingested whole or not at all (a crash leaves only
+        the scratch table, dropped at the next start). Below them one transaction is
+        faster and small enough.
         """
         if looks_like_xml(head) and size > XML_STAGING_BYTES:
             return self._stage_espi(real, name, head, delivered_at)
