@@ -51,7 +51,8 @@ YIELD_SECONDS = 0.2  # then it lets go this long, so `meterdrop query` and the D
 
 
 def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
-    """Ingest ready files, letting go of the database every second so readers are not shut out."""
+    """Ingest ready files, small ones in groups sharing a transaction (``Ingester.ingest_group``),
+    letting go of the database every second so readers are not shut out."""
     remaining = list(paths)
     limits = Limits(max_file_bytes=config.max_file_bytes)
     while remaining:
@@ -60,7 +61,10 @@ def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
             ingester = Ingester(store, timezone=config.timezone, limits=limits)
             deadline = time.monotonic() + HOLD_SECONDS
             while True:  # at least one file per slice, however short the slice
-                _log_outcome(ingester.ingest(remaining.pop(0)))
+                outcomes = ingester.ingest_group(remaining, until=deadline)
+                del remaining[: len(outcomes)]
+                for outcome in outcomes:
+                    _log_outcome(outcome)
                 if not remaining or time.monotonic() >= deadline:
                     break
         if remaining:
