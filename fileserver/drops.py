@@ -9,9 +9,16 @@ time is set at that moment, and it is the delivery's version.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path, PurePosixPath
+
+# Errors that mean "the disk (or the user's quota) is full": answered 452 over FTPS and
+# FX_NO_SPACE_ON_FILESYSTEM/FX_FAILURE "No space left on device" over SFTP.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PATH_MAX = 4096  # Linux's limit for a whole path, in bytes
 
 
 class Refused(PermissionError):
@@ -23,7 +30,11 @@ def inside(home: Path, requested: str | bytes, cwd: str = "/") -> Path:
 
     Client paths are POSIX paths relative to the user's root (``/`` is ``home``). ``..``
     cannot climb above it, NUL bytes and hidden names are refused, and no component
-    inside ``home`` may be a symlink (a planted link must not lead out).
+    inside ``home`` may be a symlink (a planted link must not lead out).  Nor may the
+    path name a regular file with more than one hard link: the servers never create
+    one (uploads are renamed into place, links are refused), so such a file was planted
+    from outside and may share its content with a file outside the folder, such as
+    another user's delivery or a secret; reading it would leak that file.
     """
     text = requested.decode("utf-8", errors="strict") if isinstance(requested, bytes) else requested
     if "\x00" in text:
@@ -43,12 +54,48 @@ def inside(home: Path, requested: str | bytes, cwd: str = "/") -> Path:
             raise Refused("name too long")
         parts.append(part)
     path = home.joinpath(*parts)
+    if len(os.fsencode(path)) >= _PATH_MAX:  # else lstat() raises ENAMETOOLONG below
+        raise Refused("path too long")
     probe = home
     for part in parts:
         probe = probe / part
         if probe.is_symlink():
             raise Refused(f"symlink in path: {'/'.join(parts)}")
+    try:
+        info = os.lstat(path)
+    except OSError:  # does not exist (yet): nothing to leak
+        return path
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise Refused(f"hard-linked file: {'/'.join(parts)}")
     return path
+
+
+def listable(info: os.stat_result) -> bool:
+    """Whether a folder entry (``lstat`` result) is shown: folders and singly linked files.
+
+    Symlinks, hard-linked files (see :func:`inside`), devices, FIFOs and sockets are
+    never shown, since every other operation on them is refused.
+    """
+    if stat.S_ISDIR(info.st_mode):
+        return True
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
+def write_all(fd: int, data: bytes, offset: int | None = None) -> None:
+    """Write all of ``data`` at ``offset`` (``None``: at the current position), or raise.
+
+    A write that fills the disk returns short first; writing the rest then fails with the
+    real reason (``ENOSPC``), which is what the client and the log must see, not a vague
+    "short write".
+    """
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        if written <= 0:  # pragma: no cover - POSIX reports a failed write as an error
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+        if offset is not None:
+            offset += written
 
 
 def virtual(home: Path, real: Path) -> str:

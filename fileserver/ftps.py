@@ -9,8 +9,9 @@ What a client gets
 * Users and passwords from :class:`~fileserver.users.UserStore` (no anonymous access), each
   confined to ``DATA_DIR/drop/<user>/`` through :func:`fileserver.drops.inside`: ``..``
   cannot climb out, absolute paths are relative to that folder, NUL bytes, hidden names and
-  any symlink on the way are refused; listings hide dot-files (uploads in progress) and
-  symlinks.  Allowed: CWD, LIST/NLST/MLSD/MLST/STAT/SIZE/MDTM, MKD, STOR, RNFR/RNTO, RETR.
+  any symlink on the way are refused, and so is a hard-linked file (planted from outside);
+  listings hide dot-files (uploads in progress), symlinks and hard-linked files.
+  Allowed: CWD, LIST/NLST/MLSD/MLST/STAT/SIZE/MDTM, MKD, STOR, RNFR/RNTO, RETR.
   Refused with a reason: DELE, RMD/XRMD, SITE CHMOD, MFMT (the modification time is the
   delivery time newest-wins relies on; a client must not backdate it), APPE and REST before
   STOR (an upload is always a whole new file: appending to or resuming a file that may
@@ -28,7 +29,9 @@ What a client gets
   from any address other than the control connection's is refused (``425``; pyftpdlib's
   ``permit_foreign_addresses = False``, kept).
 * Limits: connections per address, idle timeout (control channel and stalled transfers),
-  maximum upload size (``552``, and the upload is discarded).
+  maximum upload size (``552``, and the upload is discarded).  A full disk (``ENOSPC``) ends
+  the upload with ``452`` once the client has sent its data (the partial is removed at the
+  failed write, so the space is free again at once); see :class:`Upload`.
 * Brute force: a failed password scores against the address in the shared
   :class:`~fileserver.guard.Guard`; the ``530`` is sent only after the guard's delay
   (scheduled on the IO loop, which never sleeps); a banned address gets ``421`` on connect
@@ -58,11 +61,12 @@ processor would ingest half a delivery.  Here:
      **and** OpenSSL recorded the client's ``close_notify``
      (``Connection.get_shutdown() & SSL.RECEIVED_SHUTDOWN``, set by OpenSSL when it reads the
      alert, i.e. exactly when ``recv`` raised ``ZeroReturnError``) **and** the size limit
-     was not exceeded.  The ``226`` reply is sent after the rename succeeded; if the rename
-     fails the client gets ``451``.
+     was not exceeded **and** every write succeeded.  The ``226`` reply is sent after the
+     rename succeeded; if the rename fails the client gets ``451`` (``452`` for a full disk).
    * otherwise it is **discarded** (:func:`fileserver.drops.discard`).  A connection that
      ended without ``close_notify`` gets ``426`` instead of pyftpdlib's ``226``; ``ABOR``
-     gets pyftpdlib's ``426``/``226`` pair; the size limit ``552``.
+     gets pyftpdlib's ``426``/``226`` pair; the size limit ``552``; a failed write ``452``
+     (disk full) or ``451``.
 
 3. Uploads that never got a data connection (``STOR`` then disconnect, ``REIN``, a second
    ``STOR``) are discarded when the session ends or the queued upload is replaced.  So is
@@ -159,6 +163,9 @@ REFUSED_COMMANDS: dict[str, str] = {
     "STOU": "502 STOU is not supported: upload with STOR and a file name.",
 }
 
+# pyftpdlib's own limit for one command line (RFC 959 sets none; paths are far shorter).
+MAX_COMMAND_BYTES = 2048
+
 _BANNED_REPLY = "421 Too many failed logins from your address: try again later."
 _SSL_session_reused: Callable[[Any], int] | None = getattr(_ssl_lib, "SSL_session_reused", None)
 
@@ -243,8 +250,18 @@ class DropFilesystem(AbstractedFS):
         self.cwd = self.fs2ftp(path)
 
     def listdir(self, path: str) -> list[str]:
-        names = os.listdir(path)
-        return [n for n in names if not n.startswith(".") and not os.path.islink(os.path.join(path, n))]
+        """Names to list: no dot-names (uploads in progress), symlinks or hard-linked files."""
+        shown = []
+        for name in os.listdir(path):
+            if name.startswith("."):
+                continue
+            try:
+                info = os.lstat(os.path.join(path, name))
+            except OSError:  # gone meanwhile
+                continue
+            if drops.listable(info):
+                shown.append(name)
+        return shown
 
     listdirinfo = listdir
 
@@ -273,29 +290,62 @@ class Upload:
     """A file being received: written to a hidden partial name, published only when complete.
 
     Quacks like the file object pyftpdlib's data channel writes to (``write``, ``close``,
-    ``closed``, ``name``).
+    ``closed``, ``name``).  Writes go straight to the file descriptor, unbuffered (pyftpdlib
+    hands over 64 KiB at a time): with a buffer, a full disk would surface at some later
+    write or only in ``close()``, which pyftpdlib does not expect to fail (it left the
+    session hanging without a reply, the partial on the full disk).
+
+    A write that fails (``ENOSPC``: the disk is full) does not raise into pyftpdlib:
+    the upload is marked failed, the partial is truncated and removed at once (its space
+    is free again for other uploads), and the rest of the data is read and dropped, so
+    the client finishes sending and then reads the ``452``/``451`` reply that says why,
+    instead of a connection reset in the middle of its upload.
     """
 
-    def __init__(self, final: Path, virtual: str) -> None:
+    def __init__(self, final: Path, virtual: str, user: str = "-") -> None:
         self.final = final
         self.virtual = virtual
+        self.user = user
         self.partial = drops.partial_for(final)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(self.partial, flags, 0o644)
-        self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
+        self._fd: int | None = os.open(self.partial, flags, 0o644)
         self.name = str(self.partial)
         self.state: Literal["receiving", "published", "discarded"] = "receiving"
+        self.failure: OSError | None = None  # the write error that ended this upload
+        self.stored = 0  # bytes on disk before a failure, for the log
 
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._fd is None
 
     def write(self, data: bytes) -> int:
-        return self._file.write(data)
+        if self.failure is not None or self._fd is None:
+            return len(data)  # failed: drained, not stored (see the class doc)
+        try:
+            drops.write_all(self._fd, data)
+        except OSError as error:
+            self.failure = error
+            log.error(
+                "ftps upload user=%s path=%s write failed after %d bytes: %s: discarded, draining the rest",
+                self.user,
+                self.virtual,
+                self.stored,
+                error.strerror or error,
+            )
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)  # unlinking alone frees nothing while it is open
+            self.close()
+            self.discard()
+        else:
+            self.stored += len(data)
+        return len(data)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """Close the partial's descriptor; never raises (pyftpdlib calls it while closing)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def publish(self) -> None:
         self.close()
@@ -306,9 +356,16 @@ class Upload:
         if self.state != "receiving":
             return
         self.state = "discarded"
-        with contextlib.suppress(OSError):
-            self.close()
+        self.close()
         drops.discard(self.partial)
+
+
+def _write_failed_reply(error: OSError) -> str:
+    """The reply for an upload whose data could not be stored: 452 for a full disk."""
+    reason = error.strerror or str(error)
+    if error.errno in drops.NO_SPACE:
+        return f"452 Insufficient storage space: {reason}; upload not stored, file discarded."
+    return f"451 Upload could not be stored: {reason}; file discarded."
 
 
 # ----------------------------------------------------------------------------------------
@@ -413,14 +470,35 @@ class _DataChannel(TLS_DTPHandler):
         chunk: bytes = super().recv(buffer_size)
         limit = self.max_upload_bytes
         if chunk and self.receive and limit is not None and self.tot_bytes_received + len(chunk) > limit:
-            self._resp = (
-                f"552 Upload exceeds the maximum size of {limit} bytes: transfer aborted, file discarded.",
-                _pyftpdlib_logger.warning,
-            )
-            self._outcome = "too large"
+            failed = self.file_obj.failure if isinstance(self.file_obj, Upload) else None
+            if failed is not None:  # draining a failed upload: say why it failed, not 552
+                self._resp = (_write_failed_reply(failed), _pyftpdlib_logger.warning)
+                self._outcome = f"write failed: {failed.strerror or failed}"
+            else:
+                self._resp = (
+                    f"552 Upload exceeds the maximum size of {limit} bytes: transfer aborted, file discarded.",
+                    _pyftpdlib_logger.warning,
+                )
+                self._outcome = "too large"
             self.close()
             raise _RetryError  # tells DTPHandler.handle_read there is nothing to write
         return chunk
+
+    def handle_error(self) -> None:
+        """An unexpected error on the data connection: discard the upload, reply, close.
+
+        pyftpdlib's TLS mixin would close the socket bypassing :meth:`close`, so the upload
+        would not be settled and the client would get no reply at all.
+        """
+        log.exception("ftps %s: data connection failed", self.cmd_channel.client_address)
+        self._error = True  # no TLS shutdown exchange on a broken connection
+        self.transfer_finished = False
+        if not self._resp:
+            self._resp = ("426 Internal error; transfer aborted.", _pyftpdlib_logger.warning)
+        try:
+            self.close()
+        except Exception:
+            log.exception("ftps %s: closing a failed data connection", self.cmd_channel.client_address)
 
     def close(self) -> None:
         if not self._settled:
@@ -436,16 +514,21 @@ class _DataChannel(TLS_DTPHandler):
             return
         complete = self.receive and self.transfer_finished and _close_notify_received(self.socket)
         outcome = self._outcome
-        if complete and outcome is None:
+        if upload.failure is not None and outcome is None:
+            # A write failed (disk full): nothing was kept.  When the client ended the
+            # transfer, the 452 is the reply to its STOR; after ABOR or a timeout, their
+            # replies stand (a second one would put the client out of step).
+            outcome = f"write failed: {upload.failure.strerror or upload.failure}"
+            if self.transfer_finished:
+                self.transfer_finished = False
+                self._resp = (_write_failed_reply(upload.failure), _pyftpdlib_logger.warning)
+        elif complete and outcome is None:
             try:
                 upload.publish()
             except OSError as error:
                 self.transfer_finished = False
-                self._resp = (
-                    f"451 Upload could not be stored ({error.strerror or error}): file discarded.",
-                    _pyftpdlib_logger.error,
-                )
-                outcome = f"not stored: {error}"
+                self._resp = (_write_failed_reply(error), _pyftpdlib_logger.error)
+                outcome = f"not stored: {error.strerror or error}"
         elif self.transfer_finished:
             # The peer ended the connection, but without TLS close_notify: pyftpdlib would
             # answer 226 and call on_file_received; this may be a truncated file.
@@ -474,6 +557,7 @@ class _ControlChannel(TLS_FTPHandler):
     owner: ClassVar[FtpsServer]
     username: str
     _in_buffer: list[bytes]
+    _in_buffer_len: int
     _restart_position: int
     _in_dtp_queue: tuple[Any, str] | None
     tls_session_resumption: ClassVar[SessionResumption] = "enabled"
@@ -492,7 +576,8 @@ class _ControlChannel(TLS_FTPHandler):
     def __init__(self, conn: socket.socket, server: Any, ioloop: Any = None) -> None:
         self.uploads: dict[str, Upload] = {}
         self._paused = False  # a login is being checked: hold further commands
-        self._held: deque[list[bytes]] = deque()
+        self._held: deque[list[bytes] | None] = deque()  # None: a line that was too long
+        self._overlong = False  # the line being read passed MAX_COMMAND_BYTES: drop it whole
         self.owner.handlers.add(self)
         super().__init__(conn, server, ioloop)
         self._current_type = "i"
@@ -535,13 +620,44 @@ class _ControlChannel(TLS_FTPHandler):
             self._drop_queued(queued[0])
 
     # -- command dispatch ---------------------------------------------------------------
+    def collect_incoming_data(self, data: bytes) -> None:
+        """Collect a command line; one longer than ``MAX_COMMAND_BYTES`` is dropped whole.
+
+        pyftpdlib answers ``500`` as soon as its buffer passes 2048 bytes, empties it and
+        goes on collecting: the rest of that line then ran as a command of its own (where it
+        starts is the sender's choice, e.g. through TLS record boundaries) and one line got
+        two replies, putting the client out of step.  Here the whole line is discarded and
+        answered once, when its end arrives.
+        """
+        if self._overlong:
+            return
+        self._in_buffer.append(data)
+        self._in_buffer_len += len(data)
+        if self._in_buffer_len > MAX_COMMAND_BYTES:
+            self._overlong = True
+            self._in_buffer, self._in_buffer_len = [], 0
+
     def found_terminator(self) -> None:
+        line: list[bytes] | None = self._in_buffer
+        if self._overlong:
+            self._overlong, line = False, None
+            self._in_buffer, self._in_buffer_len = [], 0
         if self._paused:  # pipelined after PASS: answer in order, once the login is decided
-            self._held.append(self._in_buffer)
+            self._held.append(line)
             self._in_buffer, self._in_buffer_len = [], 0
             if len(self._held) > 16:
                 self.close()
             return
+        self._run_line(line)
+
+    def _run_line(self, line: list[bytes] | None) -> None:
+        if line is None:
+            if self._idler is not None and not self._idler.cancelled:
+                self._idler.reset()
+            self.respond(f"500 Command too long: at most {MAX_COMMAND_BYTES} bytes per line.")
+            return
+        self._in_buffer = line
+        self._in_buffer_len = sum(map(len, line))
         super().found_terminator()
 
     def _pause(self) -> None:
@@ -555,9 +671,7 @@ class _ControlChannel(TLS_FTPHandler):
 
     def _replay_held(self) -> None:
         while self._held and not self._paused and not self._closed and not self._closing:
-            self._in_buffer = self._held.popleft()
-            self._in_buffer_len = sum(map(len, self._in_buffer))
-            super().found_terminator()
+            self._run_line(self._held.popleft())
 
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         name = f"SITE {arg.split(' ')[0].upper()}" if cmd == "SITE" and arg else cmd
@@ -688,7 +802,7 @@ class _ControlChannel(TLS_FTPHandler):
             self.respond("550 Is a directory.")
             return None
         try:
-            upload = Upload(final, self.fs.fs2ftp(file))
+            upload = Upload(final, self.fs.fs2ftp(file), self.username or "-")
         except OSError as error:
             self.respond(f"550 {_reason(error)}.")
             return None

@@ -44,6 +44,7 @@ before the SSH handshake.  ``stop_sftp_server`` closes the live connections too 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
@@ -161,6 +162,18 @@ class _Upload:
     append: bool
     started: float = field(default_factory=time.monotonic)
     failure: str | None = None  # set once a write was refused: never publish it
+    received: int = 0  # bytes written so far, for the log
+
+    def fail(self, reason: str) -> None:
+        """Refuse the rest of this upload and give its space back at once.
+
+        Unlinking alone would not free the blocks while the descriptor stays open (until
+        the client closes the handle), and on a full disk every block counts.
+        """
+        self.failure = reason
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        drops.discard(self.partial)
 
 
 # -- the SFTP file system ---------------------------------------------------------------
@@ -176,6 +189,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
     replaces the file atomically when the client closes it (like AWS Transfer Family's
     overwrite); an open without truncation starts the partial as a copy of the file, so
     resumed/appending clients see the semantics they asked for.
+
+    A write that fails (the disk is full: ``ENOSPC``, answered as FX_FAILURE "No space
+    left on device" in SFTP v3) or passes the size limit ends the upload: the partial is
+    truncated and removed at once, later writes are refused, and the client's close fails
+    too, saying the file was not stored.  The session goes on; the next upload may succeed.
     """
 
     def __init__(
@@ -235,16 +253,19 @@ class DropSFTPServer(asyncssh.SFTPServer):
         here = os.stat(real)
         if not stat.S_ISDIR(here.st_mode):
             raise NotADirectoryError(20, "not a folder")
+        # At the user's root, ".." is the root itself: the drop folder above is not theirs
+        # to look at, not even its attributes.
+        parent = here if real == self._home else os.stat(real.parent)
         names = [
             asyncssh.SFTPName(b".", attrs=asyncssh.SFTPAttrs.from_local(here)),
-            asyncssh.SFTPName(b"..", attrs=asyncssh.SFTPAttrs.from_local(os.stat(real.parent))),
+            asyncssh.SFTPName(b"..", attrs=asyncssh.SFTPAttrs.from_local(parent)),
         ]
         with os.scandir(real) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue  # partial uploads and other reserved names
                 info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                if drops.listable(info):  # no symlinks or hard-linked files (see drops.inside)
                     names.append(
                         asyncssh.SFTPName(os.fsencode(entry.name), attrs=asyncssh.SFTPAttrs.from_local(info))
                     )
@@ -290,8 +311,14 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if stat.S_ISREG(info.st_mode):
             self._notify(target)
         else:
+            # A folder renamed in whole: tell the processor about its files, but never about
+            # a symlink or hard link planted in it (is_file() follows links: the processor
+            # would ingest whatever file outside the folder the link leads to).
             for found in sorted(target.rglob("*")):
-                if found.is_file() and not any(p.startswith(".") for p in found.relative_to(target).parts):
+                if any(p.startswith(".") for p in found.relative_to(target).parts):
+                    continue
+                info = os.lstat(found)
+                if stat.S_ISREG(info.st_mode) and drops.listable(info):
                     self._notify(found)
 
     def remove(self, path: bytes) -> None:
@@ -366,7 +393,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
             if keep:  # the client modifies the delivered file: start from its content
                 with open(real, "rb") as source:
                     while chunk := source.read(1 << 20):
-                        os.write(fd, chunk)
+                        drops.write_all(fd, chunk)
         except BaseException:
             os.close(fd)
             drops.discard(partial)
@@ -384,21 +411,29 @@ class DropSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPFailure(upload.failure)
         end = (os.fstat(upload.fd).st_size if upload.append else offset) + len(data)
         if self._max is not None and end > self._max:
-            upload.failure = f"upload refused: files are limited to {self._max} bytes"
-            drops.discard(upload.partial)  # free the space now; close publishes nothing
+            reason = f"upload refused: files are limited to {self._max} bytes"
+            upload.fail(reason)
             log.warning(
                 "sftp upload user=%s path=%s refused: over %d bytes", self._username, upload.name, self._max
             )
-            raise asyncssh.SFTPQuotaExceeded(upload.failure)
+            raise asyncssh.SFTPQuotaExceeded(reason)
         try:
-            written = os.write(upload.fd, data) if upload.append else os.pwrite(upload.fd, data, offset)
+            drops.write_all(upload.fd, data, None if upload.append else offset)
         except OSError as error:
-            upload.failure = f"write failed: {error.strerror or error}"
+            # Typically ENOSPC: the disk is full.  asyncssh answers the OSError itself (v3:
+            # FX_FAILURE "No space left on device"); the partial goes now, so that the
+            # space it held is free again for the next upload.
+            upload.fail(f"write failed: {error.strerror or error}")
+            log.error(
+                "sftp upload user=%s path=%s write failed after %d bytes: %s: discarded",
+                self._username,
+                upload.name,
+                upload.received,
+                error.strerror or error,
+            )
             raise
-        if written != len(data):
-            upload.failure = "short write (disk full?)"
-            raise asyncssh.SFTPFailure(upload.failure)
-        return written
+        upload.received += len(data)
+        return len(data)
 
     def fsync(self, file_obj: object) -> None:
         os.fsync(self._file(file_obj).fd)
@@ -424,10 +459,15 @@ class DropSFTPServer(asyncssh.SFTPServer):
                 "sftp upload user=%s path=%s bytes=%d seconds=%.2f incomplete (%s): discarded",
                 self._username,
                 handle.name,
-                size,
+                max(size, handle.received),
                 seconds,
                 reason,
             )
+            if self.closing_by_client:
+                # The client may not have looked at every write's status (OpenSSH and
+                # asyncssh pipeline them): the close says it again, so nobody takes a
+                # refused upload for a delivered one.
+                raise asyncssh.SFTPFailure(f"{handle.name} not stored: {reason}")
             return
         try:
             drops.publish(handle.partial, handle.final)

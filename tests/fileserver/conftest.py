@@ -30,3 +30,9 @@ def guard() -> Guard:
     return Guard(
         GuardPolicy(max_failures=5, window=60.0, ban_seconds=60.0, delay_per_failure=0.01, max_delay=0.05)
     )
+
+
+@pytest.fixture(scope="session")
+def drop_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SSH host keys and the TLS certificate for tests running both servers: made once, reused."""
+    return tmp_path_factory.mktemp("drop-certs")

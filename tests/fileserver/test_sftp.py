@@ -504,7 +504,8 @@ def test_uploads_over_the_size_limit_are_refused_and_discarded(
             assert partials(home) == []  # discarded at once, not at close
             with pytest.raises(asyncssh.SFTPFailure):
                 await upload.write(b"z", 0)  # and it stays refused
-            await upload.close()
+            with pytest.raises(asyncssh.SFTPFailure, match="not stored: upload refused"):
+                await upload.close()  # the close says so too: nothing was stored
             async with sftp.open("small.csv", "wb") as ok:
                 await ok.write(b"s" * 1_000)
 
