@@ -215,7 +215,10 @@ class Report:
 class Meterdrop:
     """A real `meterdrop serve` process on 127.0.0.1, with the ports it reported."""
 
-    def __init__(self, data_dir: Path, passive: range, log_path: Path) -> None:
+    def __init__(
+        self, data_dir: Path, passive: range, log_path: Path, extra_args: Sequence[str] = ()
+    ) -> None:
+        """``extra_args`` go to `meterdrop serve` as given (bench_idle.py raises `--idle-timeout`)."""
         import psutil
 
         self.data_dir = data_dir
@@ -225,7 +228,7 @@ class Meterdrop:
         self._log = log_path.open("w", encoding="utf-8")
         cmd = [sys.executable, "-m", "meterdrop", "serve", "--data-dir", str(data_dir), "--host", "127.0.0.1",
                "--sftp-port", "0", "--ftps-port", "0", "--passive-ports", f"{passive.start}-{passive.stop - 1}",
-               "--certs-dir", str(data_dir / "certs")]  # fmt: skip
+               "--certs-dir", str(data_dir / "certs"), *extra_args]  # fmt: skip
         self.process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                         cwd=ROOT)  # fmt: skip
         ports: dict[str, int] = {}
