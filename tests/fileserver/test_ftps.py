@@ -595,6 +595,19 @@ def test_passive_range_exhausted_answers_425_and_never_leaves_the_range(
     assert (server.home / "tenth.csv").read_bytes() == b"got a port\n"
 
 
+def test_a_pasv_waits_briefly_for_a_port_to_free(serve: Callable[..., Server], clients: Clients) -> None:
+    """A burst of more clients than passive ports: the one without a port waits, then gets one."""
+    server = serve(passive_count=1)
+    first, second = clients.tls(server), clients.tls(server)
+    assert first.sendcmd("PASV").startswith("227")
+    second.putcmd("PASV")  # no port free now: the reply is deferred, not a 425
+    freed = threading.Timer(0.3, lambda: first.sendcmd("ABOR"))
+    freed.start()
+    reply = second.getresp()
+    freed.join()
+    assert reply.startswith("227") and ftplib.parse227(reply)[1] == server.passive[0]
+
+
 def test_a_port_is_busy_only_while_its_listener_waits(serve: Callable[..., Server], clients: Clients) -> None:
     # One passive port: a data connection in progress does not keep it from the next PASV.
     server = serve(passive_count=1)
