@@ -298,6 +298,35 @@ def status(data_dir: Path, db: Path | None, rejects: int) -> None:
             console.print("No rejected files.")
 
 
+@main.command(context_settings=CONTEXT)
+@_data_dir_option
+@_db_option
+def check(data_dir: Path, db: Path | None) -> None:
+    """Check that the ledger and the tables agree; exit 1 and list what does not.
+
+    Recomputed from the database alone, read-only: every reading row belongs to a file
+    the ledger calls ingested (same path and delivery time), no reading key occurs twice,
+    no rejected or duplicate file left rows behind, no content was ingested twice, no file
+    holds more rows than it delivered, and no scratch table is left from a crashed run.
+    Run it after a crash, a full disk or a restore; `meterdrop serve` may keep running.
+
+    \b
+    Example:
+      meterdrop check --data-dir /srv/meterdrop
+    """
+    from processor.check import check as recompute
+
+    with _open_existing(_database(data_dir, db)) as store:
+        report = recompute(store.con)
+    if report.ok:
+        click.echo(f"ok: {report.summary()}")
+        return
+    click.echo(f"{len(report.problems)} problem(s) in {_database(data_dir, db)} ({report.summary()}):")
+    for problem in report.problems:
+        click.echo(f"  - {problem}")
+    sys.exit(1)
+
+
 def _report_console() -> Console:
     """A console for tables: as wide as the terminal, or unlimited when piped, so no value is cut."""
     return Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 100_000)

@@ -32,7 +32,7 @@ def drops(tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("command", [[], ["ingest"], ["status"], ["query"]])
+@pytest.mark.parametrize("command", [[], ["ingest"], ["status"], ["query"], ["check"]])
 def test_every_command_explains_itself_with_an_example(command: list[str]) -> None:
     result = meterdrop(*command, "--help")
     assert result.returncode == 0
