@@ -7,11 +7,14 @@ any point leaves all of it or none of it, and running again finishes the job.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import lzma
 import os
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +43,18 @@ ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
 GROUP_FILE_BYTES = 8 * 1024 * 1024  # files up to this size may share a transaction with others
 GROUP_BYTES = 64 * 1024 * 1024  # and a group holds at most this much
 RowsCallback = Callable[[int], None]
+# Errors of the machine, not of the file: the file is tried again later, never rejected for them.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ENOMEM,
+                              errno.EMFILE, errno.ENFILE})  # fmt: skip
+# What a damaged or unusual ZIP member raises when read: encrypted (RuntimeError), Deflate64
+# (NotImplementedError), a corrupt stream (zlib.error, lzma.LZMAError, EOFError, BadZipFile).
+_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError,
+                  OSError)  # fmt: skip
+
+
+def transient(error: BaseException) -> bool:
+    """An OSError that says the disk or the machine is in trouble (full, read-only, out of files)."""
+    return isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,8 @@ class Ingester:
             with real.open("rb") as stream:
                 head = stream.read(HEADER_LIMIT)
         except OSError as error:
+            if transient(error):
+                raise
             return Outcome(name, "rejected", detail=f"cannot read file: {error.strerror or error}")
         known = self.store.known(name, sha)
         if known is not None and known.status != "rejected":
@@ -261,6 +278,8 @@ class Ingester:
                                   rows=loaded.rows, error=None, note=loaded.note,
                                   timezone=loaded.timezone)  # fmt: skip
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
+            if transient(error):  # a full disk is not the file's fault: it is tried again later
+                raise
             if self._pending is not None:  # in a group: this file's rows must not reach the merge
                 del self._pending[held:]
             return self._reject(entry, known.id if known else None, error)
@@ -482,6 +501,8 @@ class Ingester:
         try:
             members = self._archive_members(real, entry, depth)
         except (Rejected, zipfile.BadZipFile, OSError, EOFError) as error:
+            if transient(error):
+                raise
             reason = error if isinstance(error, Rejected) else Rejected(f"unreadable ZIP: {error}")
             reason.format_name = "zip"
             return self._reject(entry, known_id, reason)
@@ -531,15 +552,34 @@ class Ingester:
 def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int) -> int:
     """Copy one member, refusing to write more than ``budget`` bytes whatever its header says."""
     written = 0
-    with archive.open(info) as source, target.open("wb") as sink:
-        while chunk := source.read(1024 * 1024):
-            written += len(chunk)
-            if written > budget:
-                raise Rejected(
-                    f"zip bomb refused: member {info.filename!r} expands past the archive's size limit"
-                )
-            sink.write(chunk)
+    with target.open("wb") as sink:  # errors writing the copy (a full disk) are the machine's: not caught
+        try:
+            source = archive.open(info)
+        except _MEMBER_ERRORS as error:
+            raise _unreadable_member(info, error) from None
+        with source:
+            while True:
+                try:
+                    chunk = source.read(1024 * 1024)
+                except _MEMBER_ERRORS as error:
+                    raise _unreadable_member(info, error) from None
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > budget:
+                    raise Rejected(
+                        f"zip bomb refused: member {info.filename!r} expands past the archive's size limit"
+                    )
+                sink.write(chunk)
     return written
+
+
+def _unreadable_member(info: zipfile.ZipInfo, error: BaseException) -> BaseException:
+    """Damaged, encrypted or unsupported content rejects the ZIP; a read error of the disk does not."""
+    if transient(error):
+        return error
+    reason = str(error) or type(error).__name__
+    return Rejected(f"unreadable ZIP member {info.filename!r}: {reason}")
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:

@@ -10,9 +10,8 @@
 * a file whose ingest raises instead of being rejected (a damaged ZIP): the files handed
   over with it are still ingested; and the watcher's retry and start-up scan order alone.
 
-The disk-full case while unpacking a ZIP is marked xfail(strict): processor/ingest.py still
-records it as a rejection of the file; when that is fixed, the test passes and the marker
-must go.
+Running out of space while unpacking a ZIP is the machine's trouble, not the file's: it is
+retried, never recorded as a rejection.
 
 kill -9 at random moments is in tests/test_faults_kill.py (and bench/chaos_kill.py).
 Every wait here polls a condition with a deadline; nothing sleeps in place of a check.
@@ -325,11 +324,6 @@ def test_disk_full_under_the_database_nothing_half_written_and_ingested_when_spa
     assert server.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processor/ingest.py records an out-of-space OSError while unpacking a ZIP member as a "
-    "rejection of the file (`unreadable ZIP: [Errno 28] ...`); see the fault report for the fix",
-)
 def test_disk_full_while_unpacking_a_zip_is_not_a_rejection_of_its_content(
     tmp_path: Path, small_disk: Callable[[str], SmallDisk], serving: Callable[..., Served]
 ) -> None:

@@ -116,3 +116,59 @@ def test_oversized_file_is_refused_without_reading(tmp_path: Path, store: Store)
     outcome = Ingester(store).ingest(path)
     assert outcome.status == "rejected"
     assert outcome.detail == f"file of {10 * 1024**3:,} bytes is over the {4 * 1024**3:,}-byte limit"
+
+
+def _patched(data: bytes, field: str, value: bytes) -> bytes:
+    """Change a field in both the local header (PK\\3\\4) and the central directory (PK\\1\\2)."""
+    out = bytearray(data)
+    local, central = out.find(b"PK\x03\x04"), out.find(b"PK\x01\x02")
+    fields = {"flags": (6, 8), "method": (8, 10)}  # offsets after the signature differ by 2 in the CD
+    start, end = fields[field]
+    out[local + start : local + end] = value
+    out[central + start + 2 : central + end + 2] = value
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda d: d[:60] + bytes(b ^ 0x5A for b in d[60:100]) + d[100:], "unreadable ZIP"),
+        (lambda d: _patched(d, "flags", b"\x01\x00"), "encrypted"),
+        (lambda d: _patched(d, "method", b"\x09\x00"), "compression method"),
+    ],
+    ids=["damaged-deflate-stream", "encrypted-member", "deflate64-member"],
+)
+def test_damaged_encrypted_or_unsupported_members_reject_the_zip(
+    tmp_path: Path, store: Store, ingest, damage, reason: str
+) -> None:
+    """These raised out of ingest (zlib.error, RuntimeError, NotImplementedError) and left the
+    file unledgered, retried for ever; now the ZIP is rejected with a reason."""
+    body = (MEASUREMENTS_HEADER + "\n" + "".join(
+        f"{i},d,2024-03-01T00:00:00Z,60,1,HQ,1,230,{i},1,{i}\n" for i in range(2000))).encode()  # fmt: skip
+    archive = make_zip(tmp_path / "a.zip", {"a.csv": body})
+    archive.write_bytes(damage(archive.read_bytes()))
+    outcome = ingest(archive)
+    assert outcome.status == "rejected" and reason in (outcome.detail or ""), outcome.detail
+    assert store.con.execute("SELECT status FROM files").fetchall() == [("rejected",)]
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+
+
+def test_a_full_disk_while_unpacking_is_not_a_rejection(
+    tmp_path: Path, store: Store, ingest, monkeypatch
+) -> None:
+    """Out of space for the member's copy is the machine's trouble: it is raised (the watcher
+    tries again later), and nothing is recorded against the file."""
+    archive = make_zip(tmp_path / "a.zip", {"a.csv": CSV})
+    real_open = Path.open
+
+    def full(self: Path, mode: str = "r", *args, **kwargs):
+        if "w" in mode and self.name.startswith("member-"):
+            raise OSError(28, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(OSError, match="No space left"):
+        ingest(archive)
+    monkeypatch.undo()
+    assert store.con.execute("SELECT count(*) FROM files").fetchone() == (0,)
+    assert ingest(archive).status == "ingested"
