@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 
+from processor.errors import Rejected
 from processor.ingest import Ingester
 from processor.store import Store
 from tests.conftest import MEASUREMENTS_HEADER, at, write_delivery
@@ -63,9 +64,9 @@ def test_a_rejected_file_is_retried_and_keeps_its_first_delivery_time(tmp_path: 
     path = write_delivery(tmp_path / "m.csv", [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)],
                           at("2024-01-01 01:00"))  # fmt: skip
     failing = Ingester(store)
-    failing._load = lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error"))  # type: ignore[method-assign]
+    failing._load = lambda *a: (_ for _ in ()).throw(Rejected("line 2: simulated"))  # type: ignore[method-assign]
     outcome = failing.ingest(path)
-    assert (outcome.status, outcome.detail) == ("rejected", "cannot parse: [Errno 5] Input/output error")
+    assert (outcome.status, outcome.detail) == ("rejected", "line 2: simulated")
     os.utime(path, (at("2024-02-02 00:00").timestamp(),) * 2)
     retried = Ingester(store).ingest(path)
     assert (retried.status, retried.file_id) == ("ingested", outcome.file_id)
