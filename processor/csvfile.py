@@ -5,6 +5,11 @@ line ends that lie outside quoted fields and each block is parsed on its own.  P
 fills a short row with empty strings instead of failing, so every block is also checked
 for its field count; only when a check fails is the slow, exact diagnosis run that
 names the offending line.
+
+Hostile files are bounded too: a line that has not ended after ``MAX_LINE_BYTES`` (a quote
+left open, or a file that is not a CSV export at all) is refused instead of being carried
+into ever larger buffers, and anything the ``csv`` module refuses (a field over its size
+limit, a stray carriage return in the header) becomes a reason naming the line.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from processor.errors import Rejected, at_line
 
 HEADER_LIMIT = 64 * 1024
 BLOCK_SIZE = 64 * 1024 * 1024
+MAX_LINE_BYTES = 64 * 1024 * 1024  # longer lines are refused: memory stays a few blocks' worth
 BOM = b"\xef\xbb\xbf"
 
 
@@ -57,35 +63,70 @@ def read_header(head: bytes) -> Header:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise Rejected("unrecognised format: first line is not UTF-8 text") from None
-    names = next(csv.reader([text.rstrip("\r")]), [])
+    try:
+        names = next(csv.reader([text.rstrip("\r")]), [])
+    except csv.Error as error:  # e.g. a carriage return inside the first line
+        raise Rejected(f"unrecognised format: first line is not a CSV header ({error})") from None
     return Header(names=names, data_offset=min(end + 1, len(head)))
 
 
 def _cut(buffer: bytes) -> int:
-    """Index just past the last line end in ``buffer`` that is outside quotes, or 0."""
+    """Index just past the last line end in ``buffer`` that is outside quotes, or 0.
+
+    Walks back from the last line end keeping the quote count up to it, so a quote left
+    open near the start costs one pass over the buffer, not one count per line.
+    """
     cut = buffer.rfind(b"\n")
-    while cut >= 0:
-        if buffer.count(b'"', 0, cut) % 2 == 0:
-            return cut + 1
-        cut = buffer.rfind(b"\n", 0, cut)
-    return 0
+    if cut < 0:
+        return 0
+    quotes = buffer.count(b'"', 0, cut)
+    while quotes % 2:
+        previous = buffer.rfind(b"\n", 0, cut)
+        if previous < 0:
+            return 0
+        quotes -= buffer.count(b'"', previous, cut)
+        cut = previous
+    return cut + 1
 
 
-def _raw_blocks(stream: BinaryIO, block_size: int) -> Iterator[bytes]:
-    """Pieces of the stream that each end at a record boundary (the last one may not)."""
+def _too_long(line: int) -> Rejected:
+    return Rejected(
+        at_line(
+            line,
+            f"line longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB without a line break outside quotes "
+            "(a quote left open, or not a CSV export)",
+        )
+    )
+
+
+def _raw_blocks(stream: BinaryIO, block_size: int, first_line: int) -> Iterator[tuple[bytes, int]]:
+    """Pieces of the stream that each end at a record boundary (the last one may not), each
+    with the physical line it starts on.
+
+    The piece left over after a cut (``carry``) starts a record; it is joined to the next
+    read. A record that is still open after ``MAX_LINE_BYTES`` is refused rather than
+    carried on: without that, a 4 GB file without a line break would be held whole.
+    """
     carry = b""
+    line = first_line
     while True:
         chunk = stream.read(block_size)
         if not chunk:
             if carry:
-                yield carry
+                yield carry, line
             return
+        if carry:
+            # The record that starts the carry runs at least to the next line break.
+            first_break = chunk.find(b"\n")
+            if len(carry) + (first_break if first_break >= 0 else len(chunk)) > MAX_LINE_BYTES:
+                raise _too_long(line)
         buffer = carry + chunk
         cut = _cut(buffer)
         if cut == 0:
             carry = buffer
             continue
-        yield buffer[:cut]
+        yield buffer[:cut], line
+        line += buffer.count(b"\n", 0, cut)
         carry = buffer[cut:]
 
 
@@ -97,13 +138,16 @@ def _diagnose(data: bytes, first_line: int, width: int) -> str | None:
         return at_line(first_line + data.count(b"\n", 0, error.start), "not UTF-8 text")
     reader = csv.reader(io.StringIO(text, newline=""))
     line_start = first_line
-    for record in reader:
-        line_end = first_line + reader.line_num - 1
-        if record and len(record) != width:
-            truncated = not text.endswith("\n") and line_end == first_line + text.count("\n")
-            hint = " (the last line is cut off: was the file still being written?)" if truncated else ""
-            return at_line(line_start, f"expected {width} fields, found {len(record)}{hint}")
-        line_start = line_end + 1
+    try:
+        for record in reader:
+            line_end = first_line + reader.line_num - 1
+            if record and len(record) != width:
+                truncated = not text.endswith("\n") and line_end == first_line + text.count("\n")
+                hint = " (the last line is cut off: was the file still being written?)" if truncated else ""
+                return at_line(line_start, f"expected {width} fields, found {len(record)}{hint}")
+            line_start = line_end + 1
+    except csv.Error as error:  # e.g. a field over the csv module's size limit
+        return at_line(line_start, f"not CSV: {error}")
     return None
 
 
@@ -120,12 +164,15 @@ def _parse_spaced_quotes(data: bytes, first_line: int, width: int) -> pl.DataFra
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
     records = []
     line = first_line
-    for record in reader:
-        if record:
-            if len(record) != width:
-                raise Rejected(_diagnose(data, first_line, width) or at_line(line, "wrong field count"))
-            records.append(record)
-        line = first_line + reader.line_num
+    try:
+        for record in reader:
+            if record:
+                if len(record) != width:
+                    raise Rejected(_diagnose(data, first_line, width) or at_line(line, "wrong field count"))
+                records.append(record)
+            line = first_line + reader.line_num
+    except csv.Error as error:  # e.g. a field over the csv module's size limit
+        raise Rejected(at_line(line, f"not CSV: {error}")) from None
     columns = list(zip(*records, strict=True)) if records else [() for _ in range(width)]
     frame = pl.DataFrame(
         {f"c{i}": list(col) for i, col in enumerate(columns)},
@@ -170,10 +217,8 @@ def _parse(data: bytes, first_line: int, width: int) -> pl.DataFrame:
 def read_blocks(path: Path, header: Header, block_size: int = BLOCK_SIZE) -> Iterator[Block]:
     """Parse the data rows of a CSV file block by block, every cell a stripped string."""
     width = len(header.names)
-    line = 2
     with path.open("rb") as stream:
         stream.seek(header.data_offset)
-        for data in _raw_blocks(stream, block_size):
+        for data, line in _raw_blocks(stream, block_size, first_line=2):
             frame = _parse(data, line, width)
             yield Block(frame=frame, first_line=line)
-            line += data.count(b"\n")

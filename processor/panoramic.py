@@ -138,7 +138,9 @@ def _typed(column: Column, raw: pl.Expr, factor: float, first_try_only: bool) ->
         return raw
     if column.kind == "time":
         return _parse_time(raw, first_try_only)
+    # NaN and infinities ("NaN", "inf", "1e309") are not readings: null here, so they are reported.
     number = raw.cast(pl.Float64, strict=False)
+    number = pl.when(number.is_finite()).then(number)
     if column.kind == "int":
         return pl.when(number == number.round()).then(number).otherwise(None).cast(pl.Int32, strict=False)
     return number * factor if factor != 1.0 else number

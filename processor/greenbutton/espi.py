@@ -65,13 +65,63 @@ def _text(element: Any) -> str | None:
     return text.strip() if text and text.strip() else None
 
 
-def _int(text: str | None) -> int | None:
-    if text is None:
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# Epoch seconds of 0001-01-01 and 9999-12-31T23:59:59 UTC: what a TIMESTAMPTZ and datetime can hold.
+MIN_EPOCH, MAX_EPOCH = -62_135_596_800, 253_402_300_799
+MAX_POWER_OF_TEN = 30  # ESPI's multipliers are -12..12; beyond 30 a scaled double means nothing
+
+
+def _reject(message: str) -> Rejected:
+    return Rejected(message, format_name=FORMAT)
+
+
+def _int(value: object, what: str = "value", *, bits: int = 32) -> int | None:
+    """An ESPI integer field, or None when empty; Rejected (naming ``what``) when it is not
+    an integer that fits a signed ``bits``-bit column.
+
+    ``int()`` alone let through ``1_000`` and non-ASCII digits, raised ValueError or
+    OverflowError (an escaped crash) for ``abc`` or ``1e400``, and TypeError when the
+    element had children; huge values then failed in polars or DuckDB instead.
+    """
+    if value is None:
         return None
+    if not isinstance(value, str):
+        raise _reject(f"{what} has child elements where a number belongs")
+    text = value.strip()
+    if not text:
+        return None
+    if not _NUMBER.fullmatch(text):
+        raise _reject(f"{what} {text!r} is not a number")
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
-        return int(float(text))
+        number = int(float(text)) if math.isfinite(float(text)) else 2**bits
+    if not -(2 ** (bits - 1)) <= number < 2 ** (bits - 1):
+        raise _reject(f"{what} {text!r} is out of range")
+    return number
+
+
+def _multiplier(value: object, what: str) -> int | None:
+    power = _int(value, what)
+    if power is not None and abs(power) > MAX_POWER_OF_TEN:
+        raise _reject(f"{what} {power} is not a power of ten ESPI uses")
+    return power
+
+
+def _string(value: object, what: str) -> str | None:
+    """A text field; an element with children where text belongs is refused, not stored as a struct."""
+    if value is not None and not isinstance(value, str):
+        raise _reject(f"{what} has child elements where text belongs")
+    return value
+
+
+def _timestamp(seconds: float | None, what: str) -> datetime | None:
+    """Epoch seconds as a UTC datetime; times outside years 1-9999 are refused, not a crash."""
+    if seconds is None:
+        return None
+    if not MIN_EPOCH <= seconds <= MAX_EPOCH:
+        raise _reject(f"{what} {seconds:g} is not a time (outside the years 1-9999)")
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def _href_key(href: str) -> str:
@@ -95,9 +145,9 @@ def parse_updated(text: str | None) -> datetime | None:
     value = text.strip().replace("Z", "+00:00")
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:00+14:00 is before year 1 in UTC
         return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def _children(element: Any) -> dict[str, Any]:
@@ -113,7 +163,7 @@ def _children(element: Any) -> dict[str, Any]:
 
 def describe_dst_rule(rule: str | None) -> str | None:
     """ESPI DstRuleType bitmap as words: ``360E2000`` is '2nd Sunday of March at 02:00'."""
-    if not rule:
+    if not rule or not isinstance(rule, str):
         return None
     try:
         bits = int(rule, 16)
@@ -218,13 +268,34 @@ class EspiResult:
     summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
+DTD_NOT_ALLOWED = "DTD not allowed: Green Button XML must not declare a DOCTYPE or entities"
+
+
 def refuse_dtd(head: bytes) -> None:
     """Reject DTDs and entity declarations before any parser sees them (XXE, entity bombs)."""
     lowered = head.lower()
     if b"<!doctype" in lowered or b"<!entity" in lowered:
-        raise Rejected(
-            "DTD not allowed: Green Button XML must not declare a DOCTYPE or entities", format_name=FORMAT
-        )
+        raise Rejected(DTD_NOT_ALLOWED, format_name=FORMAT)
+
+
+def _refuse_declarations(carried: bytes, chunk: bytes) -> bytes:
+    """``refuse_dtd`` for every chunk fed to the parser, not only the file's first 64 KiB.
+
+    A long comment can push the DOCTYPE past the head (the fuzzer's ``<!-- 70 KB -->``
+    prolog), and then only the parser options stood between the file and its entities.
+    ``<!`` followed by DOCTYPE or ENTITY (any case) is refused; it cannot occur in element
+    content of a well-formed file, only in a comment or CDATA, where no real feed has it.
+    Returns the bytes to carry into the next call, so a declaration split between two
+    chunks is still seen.
+    """
+    window = carried + chunk
+    at = window.find(b"<!")
+    while at >= 0:
+        word = window[at + 2 : at + 9].upper()
+        if word.startswith((b"DOCTYPE", b"ENTITY")):
+            raise Rejected(DTD_NOT_ALLOWED, format_name=FORMAT)
+        at = window.find(b"<!", at + 2)
+    return window[-8:]
 
 
 class _Graph:
@@ -287,7 +358,11 @@ def _usage_point_name(keys: list[str]) -> str | None:
 def _service_kind(usage_point: _Node | None, uom: str | None) -> str | None:
     if usage_point is not None:
         category = usage_point.fields.get("ServiceCategory")
-        kind = _int(category.get("kind")) if isinstance(category, dict) else None
+        kind = (
+            _int(category.get("kind"), "UsagePoint ServiceCategory kind")
+            if isinstance(category, dict)
+            else None
+        )
         if kind is not None:
             return SERVICE_KINDS.get(kind, f"kind {kind}")
     if uom in ("Wh", "VArh", "VAh", "W", "VAr", "VA"):
@@ -365,13 +440,18 @@ class EspiParser:
             events=("start", "end"), tag=_EVENT_TAGS, resolve_entities=False, no_network=True, load_dtd=False,
             huge_tree=False, remove_comments=True, remove_pis=True,
         )  # fmt: skip
+        carried = b""
         try:
             while True:
                 chunk = stream.read(FEED_BYTES)
                 if chunk:
+                    carried = _refuse_declarations(carried, chunk)
                     parser.feed(chunk)
                 else:
-                    parser.close()
+                    root = parser.close()
+                    # A DOCTYPE the byte scan could not see (in UTF-7, say) and no event revealed.
+                    if root is not None and root.getroottree().docinfo.doctype:
+                        raise Rejected(DTD_NOT_ALLOWED, format_name=FORMAT)
                 for event, element in parser.read_events():
                     tag = element.tag
                     if event == "start":
@@ -459,7 +539,9 @@ class EspiParser:
             interval = element.find(_INTERVAL)
             if interval is not None:
                 block.start = _float(interval.findtext(_START))
-                block.duration = _int(_strip(interval.findtext(_DURATION)))
+                block.duration = _int(
+                    interval.findtext(_DURATION), "IntervalBlock interval duration", bits=33
+                )
         readings = element.findall(_READING)
         if not complete and readings:
             readings = readings[:-1]
@@ -500,9 +582,9 @@ class EspiParser:
         if not final and (reading_type is None or usage_point is None):
             return None
         rt = reading_type.fields if reading_type else {}
-        uom_code = _int(rt.get("uom"))
+        uom_code = _int(rt.get("uom"), "ReadingType uom")
         uom = UOM_SYMBOLS.get(uom_code, f"uom {uom_code}") if uom_code is not None else None
-        currency_code = _int(rt.get("currency"))
+        currency_code = _int(rt.get("currency"), "ReadingType currency")
         reading_type_name = (
             (reading_type.self_key if reading_type and reading_type.self_key else None)
             or (f"{meter_reading.self_key}#ReadingType" if meter_reading and meter_reading.self_key else None)
@@ -519,11 +601,11 @@ class EspiParser:
             or "unknown",
             reading_type=reading_type_name,
             service_kind=_service_kind(usage_point, uom),
-            flow_direction=_int(rt.get("flowDirection")),
+            flow_direction=_int(rt.get("flowDirection"), "ReadingType flowDirection"),
             uom=uom,
-            multiplier=_int(rt.get("powerOfTenMultiplier")) or 0,
+            multiplier=_multiplier(rt.get("powerOfTenMultiplier"), "ReadingType powerOfTenMultiplier") or 0,
             currency=CURRENCIES.get(currency_code, str(currency_code)) if currency_code is not None else None,
-            interval_length=_int(rt.get("intervalLength")),
+            interval_length=_int(rt.get("intervalLength"), "ReadingType intervalLength", bits=33),
         )
         self._resolved[cache_key] = resolved
         return resolved
@@ -576,12 +658,13 @@ class EspiParser:
         self._buffer = _new_buffer()
         frame = pl.DataFrame(buffer, schema=_BUFFER_SCHEMA)
         raw = frame.select(pl.col(_RAW).str.strip_chars())
+        # NaN and infinities count as not numbers: they would be stored as readings, or fail a cast.
         typed = raw.select(
-            pl.col("start").cast(pl.Float64, strict=False),
-            pl.col("duration").cast(pl.Float64, strict=False).cast(pl.Int64, strict=False),
-            pl.col("value").cast(pl.Float64, strict=False),
-            pl.col("cost").cast(pl.Float64, strict=False),
-            pl.col("quality").cast(pl.Float64, strict=False).cast(pl.Int32, strict=False),
+            _finite(pl.col("start")),
+            _finite(pl.col("duration")).cast(pl.Int64, strict=False),
+            _finite(pl.col("value")),
+            _finite(pl.col("cost")),
+            _finite(pl.col("quality")).cast(pl.Int32, strict=False),
         )
         if raw.null_count().row(0) != typed.null_count().row(0):
             for name in _RAW:
@@ -592,6 +675,14 @@ class EspiParser:
                                    format_name=FORMAT)  # fmt: skip
         frame = frame.with_columns(typed)
         start = pl.col("start").fill_null(pl.col("block_start") + pl.col("position") * pl.col("step"))
+        out_of_range = frame.filter(
+            ~start.is_between(MIN_EPOCH, MAX_EPOCH) | (pl.col("duration").abs() >= 2**32)
+        ).select("ordinal", start.alias("start"), "duration")
+        if out_of_range.height:  # would overflow the microsecond timestamp (a crash in a cast)
+            ordinal, first_start, duration = out_of_range.row(0)
+            in_range = first_start is None or MIN_EPOCH <= first_start <= MAX_EPOCH
+            what = f"duration {duration}" if in_range else f"start {first_start:g}"
+            raise _reject(f"IntervalReading {ordinal}: {what} is out of range")
         multiplier = pl.col("multiplier")
         # Divide for negative powers: 37000 / 1000 is exactly 37, 37000 * 0.001 is not.
         # (Costs are whole 1/100,000 units, so rounding to 5 decimals only drops float noise.)
@@ -631,37 +722,44 @@ class EspiParser:
             )
             lt = ltp.fields if ltp else {}
             category = node.fields.get("ServiceCategory")
-            kind = _int(category.get("kind")) if isinstance(category, dict) else None
+            kind = (
+                _int(category.get("kind"), "UsagePoint ServiceCategory kind")
+                if isinstance(category, dict)
+                else None
+            )
             self.result.usage_points.append({
                 "usage_point": node.self_key or "unknown",
                 "service_kind": SERVICE_KINDS.get(kind, f"kind {kind}") if kind is not None else None,
                 "service_kind_code": kind,
-                "status": _int(node.fields.get("status")),
-                "tz_offset_s": _int(lt.get("tzOffset")),
-                "dst_offset_s": _int(lt.get("dstOffset")),
-                "dst_start_rule": lt.get("dstStartRule"),
-                "dst_end_rule": lt.get("dstEndRule"),
+                "status": _int(node.fields.get("status"), "UsagePoint status"),
+                "tz_offset_s": _int(lt.get("tzOffset"), "LocalTimeParameters tzOffset"),
+                "dst_offset_s": _int(lt.get("dstOffset"), "LocalTimeParameters dstOffset"),
+                "dst_start_rule": _string(lt.get("dstStartRule"), "LocalTimeParameters dstStartRule"),
+                "dst_end_rule": _string(lt.get("dstEndRule"), "LocalTimeParameters dstEndRule"),
                 "dst_start": describe_dst_rule(lt.get("dstStartRule")),
                 "dst_end": describe_dst_rule(lt.get("dstEndRule")),
                 "updated_at": node.updated,
             })  # fmt: skip
         for node in graph.nodes["ReadingType"]:
             f = node.fields
-            uom_code, currency_code = _int(f.get("uom")), _int(f.get("currency"))
+            uom_code, currency_code = (
+                _int(f.get("uom"), "ReadingType uom"),
+                _int(f.get("currency"), "ReadingType currency"),
+            )
             self.result.reading_types.append({
                 "reading_type": node.self_key or "unknown",
                 "uom_code": uom_code,
                 "uom": UOM_SYMBOLS.get(uom_code) if uom_code is not None else None,
-                "power_of_ten_multiplier": _int(f.get("powerOfTenMultiplier")),
-                "flow_direction": _int(f.get("flowDirection")),
-                "accumulation_behaviour": _int(f.get("accumulationBehaviour")),
-                "commodity": _int(f.get("commodity")),
-                "kind": _int(f.get("kind")),
-                "interval_length_s": _int(f.get("intervalLength")),
+                "power_of_ten_multiplier": _multiplier(f.get("powerOfTenMultiplier"), "ReadingType powerOfTenMultiplier"),
+                "flow_direction": _int(f.get("flowDirection"), "ReadingType flowDirection"),
+                "accumulation_behaviour": _int(f.get("accumulationBehaviour"), "ReadingType accumulationBehaviour"),
+                "commodity": _int(f.get("commodity"), "ReadingType commodity"),
+                "kind": _int(f.get("kind"), "ReadingType kind"),
+                "interval_length_s": _int(f.get("intervalLength"), "ReadingType intervalLength", bits=33),
                 "currency_code": currency_code,
                 "currency": CURRENCIES.get(currency_code) if currency_code is not None else None,
-                "data_qualifier": _int(f.get("dataQualifier")),
-                "phase": _int(f.get("phase")),
+                "data_qualifier": _int(f.get("dataQualifier"), "ReadingType dataQualifier"),
+                "phase": _int(f.get("phase"), "ReadingType phase"),
                 "updated_at": node.updated,
             })  # fmt: skip
         for summary_kind in ("UsageSummary", "ElectricPowerUsageSummary"):
@@ -673,7 +771,7 @@ class EspiParser:
         billing = f.get("billingPeriod")
         period: dict[str, Any] = billing if isinstance(billing, dict) else {}
         usage_point = self.graph.usage_point([node.self_key, node.up_key], final=True)
-        currency_code = _int(f.get("currency"))
+        currency_code = _int(f.get("currency"), "UsageSummary currency")
 
         def money(name: str) -> float | None:
             raw = _float(f.get(name)) if isinstance(f.get(name), str) else None
@@ -685,8 +783,8 @@ class EspiParser:
                 return None, None
             value, multiplier, uom = (
                 _float(q.get("value")),
-                _int(q.get("powerOfTenMultiplier")) or 0,
-                _int(q.get("uom")),
+                _multiplier(q.get("powerOfTenMultiplier"), f"UsageSummary {name} powerOfTenMultiplier") or 0,
+                _int(q.get("uom"), f"UsageSummary {name} uom"),
             )
             return (None if value is None else value * 10.0**multiplier), UOM_SYMBOLS.get(
                 uom
@@ -701,8 +799,10 @@ class EspiParser:
             )
             or "unknown",
             "summary": node.self_key or "unknown",
-            "billing_period_start": None if start is None else datetime.fromtimestamp(start, UTC),
-            "billing_period_duration_s": _int(period.get("duration")),
+            "billing_period_start": _timestamp(start, "UsageSummary billingPeriod start"),
+            "billing_period_duration_s": _int(
+                period.get("duration"), "UsageSummary billingPeriod duration", bits=64
+            ),
             "bill_last_period": money("billLastPeriod"),
             "bill_to_date": money("billToDate"),
             "cost_additional_last_period": money("costAdditionalLastPeriod"),
@@ -711,14 +811,18 @@ class EspiParser:
             "consumption_last_period_uom": consumption_uom,
             "current_billing_period_consumption": current,
             "current_billing_period_consumption_uom": current_uom,
-            "quality_of_reading": QUALITY_NAMES.get(_int(f.get("qualityOfReading")) or -1),
+            "quality_of_reading": QUALITY_NAMES.get(
+                _int(f.get("qualityOfReading"), "UsageSummary qualityOfReading") or -1
+            ),
             "status_timestamp": _epoch(f.get("statusTimeStamp")),
             "updated_at": node.updated,
         }
 
 
-def _strip(text: str | None) -> str | None:
-    return text.strip() if text and text.strip() else None
+def _finite(text: pl.Expr) -> pl.Expr:
+    """A text column as floats, null where it is not a finite number."""
+    number = text.cast(pl.Float64, strict=False)
+    return pl.when(number.is_finite()).then(number)
 
 
 def _float(text: object) -> float | None:
@@ -733,4 +837,4 @@ def _float(text: object) -> float | None:
 
 def _epoch(text: object) -> datetime | None:
     value = _float(text) if isinstance(text, str) else None
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    return _timestamp(value, "UsageSummary statusTimeStamp")

@@ -110,6 +110,10 @@ LOS_ANGELES = "America/Los_Angeles"
 LAYOUTS = ("opower", "peco_pse", "seattle", "avangrid", "sce", "sdge")
 BOM = b"\xef\xbb\xbf"
 DAY_S = 86400
+# Parsed whole, in Python's csv module and then polars: about 36 times the file in memory
+# (15 MB took 560 MiB). 32 MiB is over six years of one meter's 15-minute readings; a
+# larger file is refused before any of that, so memory stays near 1 GiB.
+MAX_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -327,10 +331,12 @@ _UNITS: dict[str, tuple[str, int]] = {
 _UOM_SERVICE = {"Wh": "electricity", "VArh": "electricity", "therm": "gas", "BTU": "gas", "ft3": "gas",
                 "m3": "gas", "gal": "water"}  # fmt: skip
 
-_NUMBER = r"^[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$"
+# Digits are written [0-9], not \\d: polars' (Rust) \\d matches any Unicode digit ("١٢"), which
+# then failed a strict integer cast with a polars error instead of "is not a number".
+_NUMBER = r"^[+-]?(?:(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 _COST = (
     r"^(?P<open>\()?\s*(?P<s1>[+-])?\s*(?P<cur>\$)?\s*(?P<s2>[+-])?\s*"
-    r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)\s*(?P<close>\))?$"
+    r"(?P<num>[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<close>\))?$"
 )
 
 
@@ -425,11 +431,11 @@ def _raise_first(problems: Sequence[_Problem]) -> None:
 
 # --------------------------------------------------------------------------- times
 
-_DATE_PART = r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}/\d{1,2}/\d{2}(?:\d{2})?"
-_TIME_PART = r"\d{1,2}:\d{2}(?::\d{2})?(?:\s*[AaPp]\.?[Mm]\.?)?"
-_STAMP = rf"^(?:(?P<d>{_DATE_PART})(?:\s+|T))?(?P<t>{_TIME_PART})\s*(?P<o>Z|[+-]\d{{2}}:?\d{{2}})?$"
-_CLOCK = r"^(?P<h>\d{1,2}):(?P<m>\d{2})(?::(?P<s>\d{2}))?\s*(?P<p>[AaPp])?"
-_OFFSET = r"^(?P<sign>[+-])(?P<h>\d{2}):?(?P<m>\d{2})$"
+_DATE_PART = r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}|[0-9]{1,2}/[0-9]{1,2}/[0-9]{2}(?:[0-9]{2})?"
+_TIME_PART = r"[0-9]{1,2}:[0-9]{2}(?::[0-9]{2})?(?:\s*[AaPp]\.?[Mm]\.?)?"
+_STAMP = rf"^(?:(?P<d>{_DATE_PART})(?:\s+|T))?(?P<t>{_TIME_PART})\s*(?P<o>Z|[+-][0-9]{{2}}:?[0-9]{{2}})?$"
+_CLOCK = r"^(?P<h>[0-9]{1,2}):(?P<m>[0-9]{2})(?::(?P<s>[0-9]{2}))?\s*(?P<p>[AaPp])?"
+_OFFSET = r"^(?P<sign>[+-])(?P<h>[0-9]{2}):?(?P<m>[0-9]{2})$"
 
 
 def _date(text: pl.Expr) -> pl.Expr:
@@ -438,11 +444,11 @@ def _date(text: pl.Expr) -> pl.Expr:
     The form is chosen by the text's shape so that ``3/1/24`` is never read as year 24.
     """
     return (
-        pl.when(text.str.contains(r"^\d{4}-\d{1,2}-\d{1,2}$"))
+        pl.when(text.str.contains(r"^[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}$"))
         .then(text.str.strptime(pl.Date, "%Y-%m-%d", strict=False))
-        .when(text.str.contains(r"^\d{1,2}/\d{1,2}/\d{4}$"))
+        .when(text.str.contains(r"^[0-9]{1,2}/[0-9]{1,2}/[0-9]{4}$"))
         .then(text.str.strptime(pl.Date, "%m/%d/%Y", strict=False))
-        .when(text.str.contains(r"^\d{1,2}/\d{1,2}/\d{2}$"))
+        .when(text.str.contains(r"^[0-9]{1,2}/[0-9]{1,2}/[0-9]{2}$"))
         .then(text.str.strptime(pl.Date, "%m/%d/%y", strict=False))
     )
 
@@ -523,7 +529,10 @@ def _parse_times(
     dur = pl.col("_dur_text")
     whole_units = pl.col("_dur_num") * duration_unit_s
     duration = (
-        pl.when((pl.col("_dur_num") > 0) & (whole_units == whole_units.round()))
+        # Up to a year: a longer "length" is not one, and would overflow the integer cast.
+        pl.when(
+            (pl.col("_dur_num") > 0) & (whole_units <= 366 * DAY_S) & (whole_units == whole_units.round())
+        )
         .then(whole_units.round().cast(pl.Int64))
         .when(dur.str.contains(r"^(?:1\s*)?days?$"))
         .then(pl.lit(DAY_S, pl.Int64))
@@ -1100,6 +1109,16 @@ def _parse_sce(records: Sequence[_Record], index: int) -> _Wide:
 # --------------------------------------------------------------------------- entry point
 
 
+def refuse_oversized(size: int) -> None:
+    """Refuse a download over ``MAX_BYTES`` (callers can check the file's size before reading it)."""
+    if size > MAX_BYTES:
+        raise Rejected(
+            f"utility CSV download of {size:,} bytes is over the {MAX_BYTES:,} bytes this reader parses "
+            "in memory: split the download by date range",
+            format_name=FORMAT_NAME,
+        )
+
+
 def parse_utility_csv(
     data: bytes, *, timezone: str | None = None, fallback_timezone: str | None = None
 ) -> UtilityCsv:
@@ -1110,6 +1129,7 @@ def parse_utility_csv(
     zone).  Raise processor.errors.Rejected(reason) with a reason naming the line for bad
     input, and when local times cannot be placed because no zone is known.
     """
+    refuse_oversized(len(data))
     text = _decode(data)
     records = _records(text)
     found = _find_header(records)
