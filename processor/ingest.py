@@ -29,7 +29,7 @@ from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
 from processor.errors import Rejected
 from processor.greenbutton import espi
 from processor.greenbutton.espi import EspiParser, EspiResult, refuse_dtd
-from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv
+from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv, refuse_oversized
 from processor.headers import normalise_all
 from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
 from processor.timezones import system_timezone
@@ -49,7 +49,7 @@ TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO
 # What a damaged or unusual ZIP member raises when read: encrypted (RuntimeError), Deflate64
 # (NotImplementedError), a corrupt stream (zlib.error, lzma.LZMAError, EOFError, BadZipFile).
 _MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError,
-                  OSError)  # fmt: skip
+                  UnicodeDecodeError, OSError)  # fmt: skip
 
 
 def transient(error: BaseException) -> bool:
@@ -484,6 +484,7 @@ class Ingester:
         return Loaded(espi.FORMAT, result.readings)
 
     def _load_utility_csv(self, real: Path, provenance: list[pl.Expr]) -> Loaded:
+        refuse_oversized(real.stat().st_size)  # before reading it into memory
         parsed = parse_utility_csv(
             real.read_bytes(), timezone=self.timezone, fallback_timezone=system_timezone()
         )
@@ -520,7 +521,7 @@ class Ingester:
         if depth >= limits.max_archive_depth:
             raise Rejected(f"ZIP nested more than {limits.max_archive_depth} levels deep")
         with zipfile.ZipFile(real) as archive:
-            infos = [i for i in archive.infolist() if not i.is_dir()]
+            infos = [i for i in archive.infolist() if not i.filename.endswith("/")]  # is_dir() fails on ""
             if len(infos) > limits.max_archive_members:
                 raise Rejected(f"ZIP with {len(infos):,} members (limit {limits.max_archive_members:,})")
             declared = sum(i.file_size for i in infos)
@@ -536,13 +537,20 @@ class Ingester:
                         f"zip bomb refused: member {info.filename!r} expands "
                         f"{info.file_size // max(info.compress_size, 1):,}x (limit {limits.max_archive_ratio}x)"
                     )
+            if any(not i.filename for i in infos):
+                raise Rejected("unreadable ZIP: a member without a name")
             outcomes = []
             budget = limits.max_archive_bytes
             with tempfile.TemporaryDirectory(prefix="meterdrop-zip-") as scratch:
+                # Every member is unpacked (and so checked: CRC, bombs) before any is ingested, so
+                # a ZIP refused at its last member leaves none of the others behind.
+                targets = []
                 for index, info in enumerate(infos):
                     # Never a path taken from the member's name: a fixed name in our own folder.
                     target = Path(scratch) / f"member-{index}"
                     budget -= _extract(archive, info, target, budget)
+                    targets.append(target)
+                for info, target in zip(infos, targets, strict=True):
                     outcomes.append(self._ingest(target, f"{entry.path}!{info.filename}", entry.delivered_at,
                                                  depth=depth + 1))  # fmt: skip
                     target.unlink()

@@ -354,6 +354,8 @@ class Store:
 
         ``rows`` must hold one row per key (the caller keeps the newest within a delivery).
         """
+        if rows.height == 0:  # nothing to merge (a download with a header and no readings)
+            return
         # Arrow batches of a row group each let DuckDB scan the delivery on every core.
         batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
         self.con.register("delivery_rows", batches)
@@ -385,6 +387,8 @@ class Store:
 
     def append(self, table: str, rows: pl.DataFrame) -> None:
         """Add rows to a scratch table, committed at once (autocommit)."""
+        if rows.height == 0:
+            return
         batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
         self.con.register("staged_rows", batches)
         try:

@@ -12,8 +12,9 @@ Bounds are generous, for a shared two-core CI machine; what was measured is in
 docs/reliability.md and bench/README.md. ``BASELINE`` is the same command on a one-line
 valid file, so "bounded" means "close to what meterdrop needs anyway".
 
-The strict-xfail tests at the end are defects outside the parser modules (ingest.py,
-store.py) that the fuzzer found; each says the fix. They pass, and so fail here, once it lands.
+The tests at the end are defects the fuzzer found outside the parsers (an empty frame
+merged, ZIP member names, a ZIP refused part way), fixed since; one (a ZIP of refused
+members recorded as ingested) is still open and marked strict-xfail.
 """
 
 from __future__ import annotations
@@ -408,12 +409,6 @@ def _archive_bytes(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED
     return out.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processor/store.py Store.merge (and Store.append) pass pa.Table.from_batches an empty batch list "
-    "for a frame without rows (pyarrow ValueError escapes). Fix: return early when rows.height == 0, or pass "
-    "schema=rows.to_arrow().schema.",
-)
 def test_utility_csv_without_readings_is_ingested(tmp_path: Path) -> None:
     path = tmp_path / "empty.csv"
     path.write_text("TYPE,DATE,START TIME,END TIME,USAGE (kWh),NOTES\n")
@@ -422,20 +417,9 @@ def test_utility_csv_without_readings_is_ingested(tmp_path: Path) -> None:
     assert (outcome.status, outcome.rows) == ("ingested", 0)
 
 
-ZIP_NAME_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="processor/ingest.py: zipfile errors outside _extract's _MEMBER_ERRORS escape the Ingester: "
-    "UnicodeDecodeError from archive.open() when a local header's name is flagged UTF-8 (bit 11) but is not, "
-    "IndexError from ZipInfo.is_dir() in _archive_members for a member named ''. Fix: add UnicodeDecodeError to "
-    "_MEMBER_ERRORS, and test names with `info.filename.endswith('/')` (or catch IndexError/ValueError around "
-    "infolist()) so both end as 'unreadable ZIP ...'.",
-)
-
-
 @pytest.mark.parametrize(
     "damage",
-    ["corrupt-lzma-data", pytest.param("name-not-utf8", marks=ZIP_NAME_DEFECT),
-     pytest.param("empty-name", marks=ZIP_NAME_DEFECT)],
+    ["corrupt-lzma-data", "name-not-utf8", "empty-name"],
 )  # fmt: skip
 def test_zip_with_a_broken_member_is_rejected(tmp_path: Path, damage: str) -> None:
     content = f"{MEASUREMENTS_HEADER}\n{ROW}\n".encode() * 50
@@ -461,12 +445,6 @@ def test_zip_with_a_broken_member_is_rejected(tmp_path: Path, damage: str) -> No
     assert outcome.detail is not None and outcome.detail.startswith("unreadable ZIP")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processor/ingest.py Ingester._archive_members ingests each member as soon as it is extracted, so a "
-    "ZIP rejected at member 2 (bad CRC, bomb, corrupt) keeps member 1 ingested, with rows, outside the rejected "
-    "outcome. Fix: extract (within the byte budget) or CRC-check every member before ingesting any.",
-)
 def test_a_zip_rejected_part_way_leaves_no_member_behind(tmp_path: Path) -> None:
     good = f"{MEASUREMENTS_HEADER}\n{ROW}\n".encode()
     data = bytearray(
@@ -486,8 +464,9 @@ def test_a_zip_rejected_part_way_leaves_no_member_behind(tmp_path: Path) -> None
 @pytest.mark.xfail(
     strict=True,
     reason="processor/ingest.py Ingester._ingest_archive records a ZIP as 'ingested' even when no member was "
-    "(every member refused as a bomb or nested too deep). Fix: when no member was ingested or duplicate and some "
-    "were rejected, record the archive as rejected with the first member's reason.",
+    "(every member refused as a bomb or nested too deep). Rejecting it needs care: a rejected member's content "
+    "is not a duplicate, so 42.zip's copies would each be unpacked again (16**4 ledger rows); the fix must "
+    "remember refused content within one archive.",
 )
 def test_a_zip_of_only_refused_members_is_rejected(tmp_path: Path) -> None:
     inner = _archive_bytes({"x.csv": b"x"})
