@@ -169,6 +169,8 @@ class Ingester:
         self.timezone = timezone
         self.limits = limits or Limits()
         self._pending: list[_Pending] | None = None  # rows held back while a group is open
+        # within one ZIP (nested ones included): content refused already, where, and why
+        self._refused: dict[str, tuple[str, str]] | None = None
 
     def ingest(self, path: Path) -> Outcome:
         path = Path(os.path.abspath(path))
@@ -262,6 +264,10 @@ class Ingester:
                 self.store.record(entry, file_id=file_id, status="duplicate", format_name=copy.format,
                                   rows=0, error=None, note=detail)  # fmt: skip
             return Outcome(name, "duplicate", copy.format, 0, detail, file_id)
+        refused = self._refused.get(sha) if self._refused is not None else None
+        if refused is not None and refused[0] != name:  # a copy inside the same ZIP: not unpacked again
+            return self._reject(entry, known.id if known else None,
+                                Rejected(f"same content as {refused[0]}, rejected: {refused[1]}"))  # fmt: skip
         if head.startswith(ZIP_MAGIC):
             return self._ingest_archive(real, entry, known.id if known else None, depth)
         staged: Staged | None = None
@@ -361,14 +367,18 @@ class Ingester:
         note = f"ignored columns not in {fmt.label}: {', '.join(staged.ignored)}" if staged.ignored else None
         return Loaded(fmt.name, staged.rows, note)
 
-    def _reject(self, entry: Delivery, known_id: int | None, error: Exception) -> Outcome:
+    def _reject(
+        self, entry: Delivery, known_id: int | None, error: Exception, members: tuple[Outcome, ...] = ()
+    ) -> Outcome:
         reason = error.reason if isinstance(error, Rejected) else f"cannot parse: {error}"
         rejected_as = error.format_name if isinstance(error, Rejected) else None
         with self.store.transaction():
             file_id = known_id or self.store.next_file_id()
             self.store.record(entry, file_id=file_id, status="rejected", format_name=rejected_as, rows=None,
                               error=reason, note=None)  # fmt: skip
-        return Outcome(entry.path, "rejected", rejected_as, 0, reason, file_id)
+        if self._refused is not None and entry.sha256 != "unread":
+            self._refused.setdefault(entry.sha256, (entry.path, reason))
+        return Outcome(entry.path, "rejected", rejected_as, 0, reason, file_id, members)
 
     def _reject_unread(self, name: str, size: int, delivered: datetime | None, reason: str) -> Outcome:
         """A file refused before hashing (too big to read): the ledger still gets a row."""
@@ -498,7 +508,15 @@ class Ingester:
 
     # -- archives ------------------------------------------------------------------------
     def _ingest_archive(self, real: Path, entry: Delivery, known_id: int | None, depth: int) -> Outcome:
-        """A ZIP is one delivery: each member is a file of its own, named ``archive.zip!member``."""
+        """A ZIP is one delivery: each member is a file of its own, named ``archive.zip!member``.
+
+        A ZIP none of whose members could be ingested is rejected, with the first reason.
+        Content refused once is not unpacked again within the same ZIP (42.zip holds
+        16 copies of each level: each would be refused again, 16**4 times).
+        """
+        outermost = self._refused is None
+        if outermost:
+            self._refused = {}
         try:
             members = self._archive_members(real, entry, depth)
         except (Rejected, zipfile.BadZipFile, OSError, EOFError) as error:
@@ -507,6 +525,14 @@ class Ingester:
             reason = error if isinstance(error, Rejected) else Rejected(f"unreadable ZIP: {error}")
             reason.format_name = "zip"
             return self._reject(entry, known_id, reason)
+        finally:
+            if outermost:
+                self._refused = None
+        if members and all(m.status == "rejected" for m in members):
+            first = members[0]
+            return self._reject(entry, known_id, members=tuple(members), error=Rejected(
+                f"no member could be ingested ({len(members)} rejected); the first, {first.path}: {first.detail}",
+                format_name="zip"))  # fmt: skip
         counts = {status: sum(m.status == status for m in members) for status in STATUSES}
         note = f"{len(members)} member(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         rows = sum(m.rows for m in members if m.status == "ingested")

@@ -24,7 +24,6 @@ from hypothesis.control import currently_in_test_context
 
 from tests.conftest import MEASUREMENTS_HEADER
 from tests.processor.fuzzing import (
-    KNOWN_DEFECTS,
     MB,
     Choices,
     Harness,
@@ -50,8 +49,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 
 
 def judge(harness: Harness, data: bytes, suffix: str) -> Result:
-    """Run one input under a watchdog and assert the contract; a known defect outside the
-    parsers (``KNOWN_DEFECTS``, each with its own strict-xfail test) is the only excuse."""
+    """Run one input under a watchdog and assert the contract, with no excuse: the defects
+    once found outside the parsers (``KNOWN_DEFECTS``) are fixed, and a return is a failure."""
     faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
     try:
         result = harness.run(data, suffix)
@@ -59,13 +58,12 @@ def judge(harness: Harness, data: bytes, suffix: str) -> Result:
         faulthandler.cancel_dump_traceback_later()
     if currently_in_test_context():
         note(f"{len(data)} bytes -> {result.status}: {result.detail}")
-    if result.failed and result.known is None:
+    if result.failed:
         saved = harness.directory / f"failure-{harness.count}{suffix}"
         saved.write_bytes(data)
         pytest.fail(
             f"{result.status}: {result.detail}\n" + "\n".join(result.problems) + f"\ninput saved as {saved}"
         )
-    assert result.known is None or result.known in KNOWN_DEFECTS
     if result.over_budget:
         assert not harness.confirm_slow(data, suffix), (
             f"{result.seconds:.2f} s for {len(data):,} bytes ({result.files} file(s)), over the "

@@ -13,8 +13,8 @@ docs/reliability.md and bench/README.md. ``BASELINE`` is the same command on a o
 valid file, so "bounded" means "close to what meterdrop needs anyway".
 
 The tests at the end are defects the fuzzer found outside the parsers (an empty frame
-merged, ZIP member names, a ZIP refused part way), fixed since; one (a ZIP of refused
-members recorded as ingested) is still open and marked strict-xfail.
+merged, ZIP member names, a ZIP refused part way, a ZIP of refused members recorded as
+ingested), fixed since.
 """
 
 from __future__ import annotations
@@ -258,8 +258,9 @@ def test_zip_bomb_that_understates_its_size(tmp_path: Path, baseline: Run) -> No
 
 def test_nested_zip_bomb_42_zip_made_small(tmp_path: Path, baseline: Run) -> None:
     """42.zip's shape (16 copies, 4 zip levels, a big leaf) at 1/16 of its leaf: unpacked fully it
-    would be 16**4 x 256 MiB = 16 TiB. The copies are one content, so after the first of each level
-    they are duplicates; the fourth level is refused as nested too deep."""
+    would be 16**4 x 256 MiB = 16 TiB. The fourth level is refused as nested too deep, so no
+    level has a member that could be ingested and each is rejected; the copies are one content,
+    so after the first of each level they are refused without being unpacked again."""
     leaf = io.BytesIO()
     with zipfile.ZipFile(leaf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         zeros_member(archive, "0.csv", 256 * MiB)
@@ -275,12 +276,14 @@ def test_nested_zip_bomb_42_zip_made_small(tmp_path: Path, baseline: Run) -> Non
     assert path.stat().st_size < 64 * 1024
     run = meterdrop_ingest(tmp_path, path)
     statuses = [status for _, status, _ in run.ledger]
-    deepest = [(p, e) for p, s, e in run.ledger if s == "rejected"]
+    deepest = [(p, e) for p, s, e in run.ledger if p.count("!") == 3]  # 42.zip!0.zip!0.zip!i.zip
     assert run.code == 1
-    assert len(run.ledger) < 100  # not 16**4 files: copies are duplicates
-    assert deepest and all(e == "ZIP nested more than 3 levels deep" for _, e in deepest)
-    assert all(p.count("!") == 3 for p, _ in deepest)  # 42.zip!0.zip!0.zip!i.zip: the fourth zip level
-    assert statuses.count("ingested") == 3  # the archive and the first copy on each of the 2 levels below it
+    assert len(run.ledger) == 1 + 3 * 16  # the archive and 16 members on each of 3 levels: not 16**4
+    assert set(statuses) == {"rejected"}
+    assert deepest[0][1] == "ZIP nested more than 3 levels deep"
+    assert all(e.startswith("same content as ") for _, e in deepest[1:])  # copies: not unpacked again
+    top = next(e for p, _, e in run.ledger if "!" not in p)
+    assert top.startswith("no member could be ingested (16 rejected)")
     assert reading_rows(tmp_path) == 0
     assert_bounded(run, baseline, extra_rss=64 * MiB, extra_seconds=10)
 
@@ -461,13 +464,6 @@ def test_a_zip_rejected_part_way_leaves_no_member_behind(tmp_path: Path) -> None
         assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processor/ingest.py Ingester._ingest_archive records a ZIP as 'ingested' even when no member was "
-    "(every member refused as a bomb or nested too deep). Rejecting it needs care: a rejected member's content "
-    "is not a duplicate, so 42.zip's copies would each be unpacked again (16**4 ledger rows); the fix must "
-    "remember refused content within one archive.",
-)
 def test_a_zip_of_only_refused_members_is_rejected(tmp_path: Path) -> None:
     inner = _archive_bytes({"x.csv": b"x"})
     for _ in range(4):
