@@ -64,6 +64,9 @@ import polars as pl  # noqa: E402
 
 from processor.store import open_store  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_servers import free_port_range  # noqa: E402
+
 USER = "chaos"
 PASSWORD = "chaos-monkey passphrase"
 HEADER = (
@@ -143,23 +146,6 @@ class ChaosResult:
 
 
 # -- the server -------------------------------------------------------------------------------------
-def free_port_range(count: int, rng: random.Random) -> range:
-    """A run of loopback ports free now (the FTPS passive range, kept across restarts)."""
-    for _ in range(500):
-        base = rng.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return range(base, base + count)
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 class Endpoint:
@@ -522,7 +508,7 @@ def run(config: ChaosConfig, say: Callable[[str], None] = print) -> ChaosResult:
                            cwd=ROOT, check=False)  # fmt: skip
     if added.returncode != 0:
         raise RuntimeError(f"users add failed: {added.stderr}")
-    passive = free_port_range(8, rng)
+    passive = free_port_range(8)
     endpoint = Endpoint()
     uploads: list[Upload] = []
     lock = threading.Lock()

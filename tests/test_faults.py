@@ -24,7 +24,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ import pytest
 
 from processor.store import open_store
 from processor.watcher import DropWatcher
-from tests.conftest import MEASUREMENTS_HEADER
+from tests.conftest import MEASUREMENTS_HEADER, free_port_range
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,25 +61,6 @@ def poll(condition: Callable[[], bool], what: str, timeout: float = 60.0, every:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(every)
-
-
-def free_port_range(count: int) -> range:
-    """A run of loopback ports free now, for the FTPS passive range (unused here, but required)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return range(base, base + count)
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def _ignore_file_size_signal() -> None:

@@ -4,10 +4,8 @@ and `meterdrop query` reading the database while the server runs."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MEASUREMENTS_HEADER, SHARED
+from tests.conftest import MEASUREMENTS_HEADER, SHARED, free_port_range
 
 PASSWORD = "a long passphrase for tests"
 
@@ -25,24 +23,6 @@ PASSWORD = "a long passphrase for tests"
 def meterdrop(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meterdrop", *args], input=stdin, capture_output=True, text=True,
                           check=False, timeout=120)  # fmt: skip
-
-
-def free_port_range(count: int) -> range:
-    """A run of ports that are free now (the FTPS passive range)."""
-    for base in range(20000 + os.getpid() % 2000 * 10, 60000, 97):
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                sockets.append(s)
-            return range(base, base + count)
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 class Server:

@@ -38,7 +38,7 @@ from fileserver.ftps import FtpsServer
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.tlscert import CertificateError
 from fileserver.users import UserStore
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port_range
 
 from .conftest import VENDOR, VENDOR_PASSWORD
 
@@ -48,26 +48,6 @@ CURL = shutil.which("curl")
 
 
 # -- harness ----------------------------------------------------------------------------
-def free_port_range(count: int) -> range:
-    """``count`` consecutive ports nobody listens on, near a per-process base."""
-    base = 30000 + (os.getpid() % 1000) * 5
-    for attempt in range(200):
-        start = 30000 + (base - 30000 + attempt * 11) % 30000
-        ports = range(start, start + count)
-        probes: list[socket.socket] = []
-        try:
-            for port in ports:
-                probe = socket.socket()
-                probes.append(probe)
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((LOCAL, port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return ports
-    raise RuntimeError("no free passive port range found")
 
 
 class Server:
