@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import zipfile
-from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -16,7 +15,7 @@ from processor import ingest as ingest_module
 from processor.ingest import Ingester
 from processor.store import Store
 from tests.conftest import MEASUREMENTS_HEADER, PAN42_HEADER, SHARED, at, write_delivery
-from tests.processor.test_newest_wins import READING_KEYS, energies, row
+from tests.processor.test_newest_wins import READING_KEYS, energies, row, write_deliveries
 
 TABLES = (
     "files",
@@ -187,22 +186,7 @@ def test_a_failed_group_merge_falls_back_to_one_by_one(tmp_path: Path, monkeypat
 def test_any_grouping_in_any_order_equals_delivery_order(deliveries, order, cuts) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        files = []
-        for index, (rows, minute) in enumerate(deliveries):
-            rows = [*rows, ((100 + index, "09:00", 15), index)]
-            lines = [MEASUREMENTS_HEADER] + [
-                row(device, f"2024-01-01T{hhmm}:00Z", str(energy), resolution)
-                for (device, hhmm, resolution), energy in rows
-            ]
-            delivered = at("2024-01-01 10:00") + timedelta(minutes=minute)
-            path = write_delivery(folder / f"d{index:02d}.csv", lines, delivered)
-            files.append((delivered, str(path), rows))
-        expected: dict[tuple[str, str, int], float | None] = {}
-        for _, _, rows in sorted(files, key=lambda f: (f[0], f[1])):
-            for (device, hhmm, resolution), energy in rows:
-                expected[(str(device), hhmm, resolution)] = float(energy)
-
-        shuffled = [Path(p) for _, p, _ in files]
+        shuffled, expected = write_deliveries(folder, deliveries)
         order.shuffle(shuffled)
         with Store(folder / "db.duckdb") as store:
             ingester = Ingester(store)

@@ -115,6 +115,31 @@ READING_KEYS = list(itertools.product([1, 2], ["08:00", "08:15", "08:30"], [15, 
 delivery = st.lists(st.tuples(st.sampled_from(READING_KEYS), st.integers(0, 999)), min_size=1, max_size=6)
 
 
+def write_deliveries(
+    folder: Path, deliveries: list[tuple[list[tuple[tuple[int, str, int], int]], int]]
+) -> tuple[list[Path], dict[tuple[str, str, int], float | None]]:
+    """Write the generated deliveries; return their paths and the table delivery order gives.
+
+    Each file carries one reading of its own so no two files are byte-identical.
+    """
+    files = []
+    for index, (rows, minute) in enumerate(deliveries):
+        rows = [*rows, ((100 + index, "09:00", 15), index)]
+        lines = [MEASUREMENTS_HEADER] + [
+            row(device, f"2024-01-01T{hhmm}:00Z", str(energy), resolution)
+            for (device, hhmm, resolution), energy in rows
+        ]
+        delivered = at("2024-01-01 10:00") + timedelta(minutes=minute)
+        path = write_delivery(folder / f"d{index:02d}.csv", lines, delivered)
+        files.append((delivered, str(path), rows))
+    # The model: apply deliveries in (delivery time, path) order, rows in file order.
+    expected: dict[tuple[str, str, int], float | None] = {}
+    for _, _, rows in sorted(files, key=lambda f: (f[0], f[1])):
+        for (device, hhmm, resolution), energy in rows:
+            expected[(str(device), hhmm, resolution)] = float(energy)
+    return [Path(p) for _, p, _ in files], expected
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     deliveries=st.lists(st.tuples(delivery, st.integers(0, 3)), min_size=1, max_size=5),
@@ -128,24 +153,7 @@ def test_any_processing_order_equals_delivery_order(deliveries, order) -> None:
     """
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        files = []
-        for index, (rows, minute) in enumerate(deliveries):
-            rows = [*rows, ((100 + index, "09:00", 15), index)]
-            lines = [MEASUREMENTS_HEADER] + [
-                row(device, f"2024-01-01T{hhmm}:00Z", str(energy), resolution)
-                for (device, hhmm, resolution), energy in rows
-            ]
-            delivered = at("2024-01-01 10:00") + timedelta(minutes=minute)
-            files.append((delivered, str(folder / f"d{index:02d}.csv"), rows))
-            write_delivery(folder / f"d{index:02d}.csv", lines, delivered)
-
-        # The model: apply deliveries in (delivery time, path) order, rows in file order.
-        expected: dict[tuple[str, str, int], float | None] = {}
-        for _, _, rows in sorted(files, key=lambda f: (f[0], f[1])):
-            for (device, hhmm, resolution), energy in rows:
-                expected[(str(device), hhmm, resolution)] = float(energy)
-
-        shuffled = [Path(p) for _, p, _ in files]
+        shuffled, expected = write_deliveries(folder, deliveries)
         order.shuffle(shuffled)
         with Store(folder / "db.duckdb") as store:
             ingester = Ingester(store)
