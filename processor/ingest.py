@@ -519,7 +519,7 @@ class Ingester:
             self._refused = {}
         try:
             members = self._archive_members(real, entry, depth)
-        except (Rejected, zipfile.BadZipFile, OSError, EOFError) as error:
+        except (Rejected, *_MEMBER_ERRORS) as error:  # e.g. NotImplementedError: zip file version 19.1
             if transient(error):
                 raise
             reason = error if isinstance(error, Rejected) else Rejected(f"unreadable ZIP: {error}")

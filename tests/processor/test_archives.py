@@ -122,7 +122,7 @@ def _patched(data: bytes, field: str, value: bytes) -> bytes:
     """Change a field in both the local header (PK\\3\\4) and the central directory (PK\\1\\2)."""
     out = bytearray(data)
     local, central = out.find(b"PK\x03\x04"), out.find(b"PK\x01\x02")
-    fields = {"flags": (6, 8), "method": (8, 10)}  # offsets after the signature differ by 2 in the CD
+    fields = {"version": (4, 6), "flags": (6, 8), "method": (8, 10)}  # the CD has 2 more bytes before them
     start, end = fields[field]
     out[local + start : local + end] = value
     out[central + start + 2 : central + end + 2] = value
@@ -135,8 +135,9 @@ def _patched(data: bytes, field: str, value: bytes) -> bytes:
         (lambda d: d[:60] + bytes(b ^ 0x5A for b in d[60:100]) + d[100:], "unreadable ZIP"),
         (lambda d: _patched(d, "flags", b"\x01\x00"), "encrypted"),
         (lambda d: _patched(d, "method", b"\x09\x00"), "compression method"),
+        (lambda d: _patched(d, "version", b"\xbf\x00"), "zip file version 19.1"),  # the fuzzer's find
     ],
-    ids=["damaged-deflate-stream", "encrypted-member", "deflate64-member"],
+    ids=["damaged-deflate-stream", "encrypted-member", "deflate64-member", "future-zip-version"],
 )
 def test_damaged_encrypted_or_unsupported_members_reject_the_zip(
     tmp_path: Path, store: Store, ingest, damage, reason: str
