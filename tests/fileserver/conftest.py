@@ -5,7 +5,9 @@ Kept generic on purpose: protocol-specific fixtures live in each protocol's test
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,3 +38,14 @@ def guard() -> Guard:
 def drop_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SSH host keys and the TLS certificate for tests running both servers: made once, reused."""
     return tmp_path_factory.mktemp("drop-certs")
+
+
+@pytest.fixture
+def box(users: UserStore, guard: Guard, drop_certs: Path) -> Iterator[Any]:
+    """Both servers on one user store and one ban list, as `meterdrop serve` runs them
+    (``attack_harness.DropBox``); a test module may override ``users`` or ``guard``."""
+    from .attack_harness import DropBox  # it imports this module: not at the top
+
+    running = DropBox.start(users, guard, drop_certs)
+    yield running
+    running.stop()

@@ -22,10 +22,9 @@ import ftplib
 import logging
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 import paramiko
@@ -37,7 +36,7 @@ from tests.conftest import eventually
 
 from .attack_harness import LOCAL, DropBox, can_bind
 from .conftest import VENDOR, VENDOR_PASSWORD
-from .test_sftp import keygen
+from .test_sftp import keygen, run
 
 KEY_ONLY = "panel"  # a user with a public key and no password
 UNKNOWN = "nobody"
@@ -47,13 +46,6 @@ pytestmark = pytest.mark.skipif(
     not all(can_bind(address) for address in (*SPREAD, "127.0.0.9")),
     reason="this machine does not route 127.0.0.0/8 to lo",  # Linux always does
 )
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
 
 
 @pytest.fixture

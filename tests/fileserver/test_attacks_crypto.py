@@ -10,7 +10,6 @@ by the server's own cipher list, read from a connection object of its TLS contex
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ftplib
 import io
@@ -20,8 +19,6 @@ import socket
 import ssl
 import subprocess
 import warnings
-from collections.abc import Awaitable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -29,12 +26,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from OpenSSL import SSL
 
-from fileserver.guard import Guard
-from fileserver.users import UserStore
-
 from .attack_harness import LOCAL, DropBox, can_bind
 from .conftest import VENDOR, VENDOR_PASSWORD
-from .test_sftp import server_kexinit
+from .test_sftp import run, server_kexinit
 
 OPENSSL = shutil.which("openssl")
 SSH = shutil.which("ssh")
@@ -48,20 +42,6 @@ ALLOWED_TLS12 = {  # the server's whole TLS 1.2 list (fileserver.ftps.TLS12_CIPH
     "ECDHE-RSA-CHACHA20-POLY1305",
 }
 TLS13 = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
-
-
-@pytest.fixture
-def box(users: UserStore, guard: Guard, drop_certs: Path) -> Iterator[DropBox]:
-    running = DropBox.start(users, guard, drop_certs)
-    yield running
-    running.stop()
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
 
 
 # -- TLS (FTPS) --------------------------------------------------------------------------

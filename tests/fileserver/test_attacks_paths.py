@@ -22,13 +22,12 @@ What is asserted, for every attempt:
 
 from __future__ import annotations
 
-import asyncio
 import ftplib
 import io
 import os
 import shutil
 import subprocess
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,11 @@ from typing import Any
 import asyncssh
 import pytest
 
-from fileserver.guard import Guard
 from fileserver.users import UserStore
 
 from .attack_harness import LOCAL, DropBox, ftps_listing, openssh_sftp_batch, tree_state
 from .conftest import VENDOR, VENDOR_PASSWORD
-from .test_sftp import keygen
+from .test_sftp import keygen, run
 
 OTHER, OTHER_PASSWORD = "other", "other-pass-9"
 SECRET = b"TOP-SECRET-7f3a9c: outside every drop folder\n"
@@ -150,20 +148,6 @@ def planted(tmp_path: Path, users: UserStore) -> Planted:
     state = Planted(tmp_path, home, other_home, outside, secret, theirs)
     state.before = tree_state(tmp_path, skip=[home])
     return state
-
-
-@pytest.fixture
-def box(users: UserStore, guard: Guard, drop_certs: Path) -> Iterator[DropBox]:
-    running = DropBox.start(users, guard, drop_certs)
-    yield running
-    running.stop()
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
 
 
 # -- SFTP (asyncssh client) ----------------------------------------------------------------

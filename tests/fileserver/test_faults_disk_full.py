@@ -17,7 +17,6 @@ everywhere so it cannot rot.  What must hold, per protocol and client:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ftplib
 import io
@@ -26,21 +25,19 @@ import os
 import shutil
 import ssl
 import subprocess
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 import pytest
 
 from fileserver import drops
-from fileserver.guard import Guard
 from fileserver.users import UserStore
 
 from .attack_harness import LOCAL, DropBox, openssh_sftp_batch
 from .conftest import VENDOR, VENDOR_PASSWORD
-from .test_sftp import keygen
+from .test_sftp import keygen, run
 
 SIZE = 4 << 20  # the small disk
 UPLOAD = 2 << 20  # bigger than what is left once the filler is in
@@ -114,20 +111,6 @@ def users(small_disk: SmallDisk) -> UserStore:
     store = UserStore(small_disk.root)
     store.add(VENDOR, VENDOR_PASSWORD)
     return store
-
-
-@pytest.fixture
-def box(users: UserStore, guard: Guard, drop_certs: Path) -> Iterator[DropBox]:
-    running = DropBox.start(users, guard, drop_certs)
-    yield running
-    running.stop()
-
-
-def run(coro: Awaitable[Any]) -> Any:
-    async def main() -> Any:
-        return await coro
-
-    return asyncio.run(main())
 
 
 def body(size: int) -> bytes:
