@@ -16,6 +16,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,11 +222,20 @@ class Ingester:
         """The group's rows, one MERGE per table, the newest version of each key only."""
         pending, self._pending = self._pending or [], None
         for table in dict.fromkeys(p.table for p in pending):
-            parts = [p for p in pending if p.table == table]
+            parts = [p for p in pending if p.table == table and p.rows.height]
+            if not parts:
+                continue
             key, version = list(parts[0].key), list(parts[0].version)
+            if tuple(version) == DELIVERY_VERSION:
+                # One delivery's rows share delivered_at and source_path and are unique per key
+                # already: ordering the deliveries (stably, so a file's blocks stay in line
+                # order) is enough for the last row of a key to be its newest version.
+                parts.sort(key=lambda p: (p.rows["delivered_at"][0], p.rows["source_path"][0]))
             rows = pl.concat([p.rows for p in parts], how="diagonal_relaxed")
             if len(parts) > 1:
-                rows = rows.sort(version).unique(subset=key, keep="last", maintain_order=False)
+                if tuple(version) != DELIVERY_VERSION:
+                    rows = rows.sort(version)
+                rows = rows.unique(subset=key, keep="last", maintain_order=False)
             self.store.merge(table, rows, key, version)
 
     def _ingest(self, real: Path, name: str, delivered: datetime | None, *, depth: int) -> Outcome:
@@ -270,12 +280,21 @@ class Ingester:
                                 Rejected(f"same content as {refused[0]}, rejected: {refused[1]}"))  # fmt: skip
         if head.startswith(ZIP_MAGIC):
             return self._ingest_archive(real, entry, known.id if known else None, depth)
+        # A large feed is staged, merged, committed and its scratch table dropped on a small budget.
+        frugal = looks_like_xml(head) and size > XML_STAGING_BYTES
+        with self.store.frugal() if frugal else nullcontext():
+            return self._store(real, name, head, size, entry, known.id if known else None)
+
+    def _store(
+        self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None
+    ) -> Outcome:
+        """Parse a new file and store its rows with its ledger entry, or reject it."""
         staged: Staged | None = None
         held = len(self._pending) if self._pending is not None else 0
         try:
             staged = self._stage(real, name, head, size, entry.delivered_at)
             with self.store.transaction():
-                file_id = known.id if known else self.store.next_file_id()
+                file_id = known_id or self.store.next_file_id()
                 if staged is not None:
                     loaded = self._merge_staged(staged, file_id)
                 else:
@@ -288,7 +307,7 @@ class Ingester:
                 raise
             if self._pending is not None:  # in a group: this file's rows must not reach the merge
                 del self._pending[held:]
-            return self._reject(entry, known.id if known else None, error)
+            return self._reject(entry, known_id, error)
         finally:
             if staged is not None:
                 self.store.drop_staging(staged.table)
@@ -355,7 +374,7 @@ class Ingester:
         if staged.espi is not None:
             self.store.merge_staging(
                 "greenbutton_intervals", staged.table, GREENBUTTON_KEYS["greenbutton_intervals"], file_id,
-                order="version_at DESC, source_line DESC", version=UPDATED_VERSION,
+                order="version_at DESC, source_line DESC", version=UPDATED_VERSION, slice_by="interval_start",
             )  # fmt: skip
             assert staged.delivered_at is not None
             return self._espi_objects(

@@ -40,6 +40,8 @@ if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:
 SCHEMA_VERSION = 1
 STAGING_PREFIX = "_meterdrop_staging_"
 _BATCH_ROWS = 122_880  # DuckDB's row group size
+MERGE_SLICE_ROWS = 250_000  # a sliced scratch-table merge takes this many rows at a time
+FRUGAL_MEMORY = "64MB"  # DuckDB's budget while a large Green Button feed is staged and merged
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
 _PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
@@ -365,7 +367,14 @@ class Store:
             self.con.unregister("delivery_rows")
 
     def _merge(
-        self, table: str, source: str, columns: Sequence[str], key: Sequence[str], version: Sequence[str]
+        self,
+        table: str,
+        source: str,
+        columns: Sequence[str],
+        key: Sequence[str],
+        version: Sequence[str],
+        *,
+        source_params: Sequence[object] = (),
     ) -> None:
         quoted = [f'"{c}"' for c in columns]
         keys = [f'"{k}"' for k in key]
@@ -376,7 +385,8 @@ class Store:
             f"MERGE INTO {table} AS t USING {source} AS s ON {on} "
             f"WHEN MATCHED AND {newer} THEN UPDATE SET {assignments} "
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(quoted)}) "
-            f"VALUES ({', '.join('s.' + c for c in quoted)})"
+            f"VALUES ({', '.join('s.' + c for c in quoted)})",
+            list(source_params),
         )
 
     # -- scratch tables for large files ---------------------------------------------------
@@ -406,14 +416,58 @@ class Store:
         *,
         order: str = "source_line DESC",
         version: Sequence[str] = DELIVERY_VERSION,
+        slice_by: str | None = None,
     ) -> None:
-        """Merge a scratch table into ``table``, keeping per key the row first in ``order``."""
+        """Merge a scratch table into ``table``, keeping per key the row first in ``order``.
+
+        With ``slice_by`` (a time column of the key) the merge runs in slices of about
+        ``MERGE_SLICE_ROWS`` rows cut at equal steps of that column, so that under a small
+        memory limit (``frugal``) no statement needs the whole file's window and join at
+        once. The slices share the caller's transaction: the file still lands whole.
+        """
         keys = ", ".join(f'"{k}"' for k in key)
-        source = (
-            f"(SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging} "
-            f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1)"
-        )
-        self._merge(table, source, self.table_columns(staging), key, version)
+        pieces: list[tuple[str, list[object]]] = [("TRUE", [])]
+        if slice_by is not None:
+            row = self.con.execute(
+                f'SELECT count(*), min("{slice_by}"), max("{slice_by}") FROM {staging}'
+            ).fetchone()
+            assert row is not None
+            count, low, high = row
+            if low is not None:
+                slices = max(1, -(-count // MERGE_SLICE_ROWS))
+                cuts = [low + (high - low) * i / slices for i in range(1, slices)]
+                column = f'"{slice_by}"'
+                pieces = [
+                    (f"{column} >= ? AND {column} {'<=' if number == slices - 1 else '<'} ?", [start, stop])
+                    for number, (start, stop) in enumerate(zip([low, *cuts], [*cuts, high], strict=True))
+                ]
+                pieces[0] = (f"({column} IS NULL OR {pieces[0][0]})", pieces[0][1])  # none is lost
+        columns = self.table_columns(staging)
+        for within, params in pieces:
+            source = (
+                f"(SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging} WHERE {within} "
+                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1)"
+            )
+            self._merge(table, source, columns, key, version, source_params=params)
+
+    @contextlib.contextmanager
+    def frugal(self, memory: str = FRUGAL_MEMORY) -> Iterator[None]:
+        """DuckDB on a small memory budget and one thread, for as long as the block runs.
+
+        A Green Button feed's readings are staged and merged under it: DuckDB's default
+        budget (80% of RAM) let a 1M-reading feed take 520 MB; with 64 MB, one thread and
+        a sliced merge, a feed of any size stays under 300 MB at a small cost in speed
+        (bench/README.md). What does not fit spills to DuckDB's temporary directory.
+        """
+        self.con.execute(f"SET memory_limit = '{memory}'")
+        self.con.execute("SET threads = 1")
+        try:
+            yield
+            if self._depth == 0:  # the checkpoint of what was committed, on the same budget
+                self.con.execute("CHECKPOINT")
+        finally:  # back to DuckDB's defaults, which meterdrop uses everywhere else
+            self.con.execute("RESET memory_limit")
+            self.con.execute("RESET threads")
 
     def drop_staging(self, name: str) -> None:
         if name.startswith(STAGING_PREFIX):
