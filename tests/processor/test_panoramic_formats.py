@@ -60,6 +60,33 @@ def test_measurements_with_spaced_header_quoted_commas_and_na(tmp_path: Path, st
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "first",
+    ["2024-03-01T09:00:00Z", "2024-03-01T11:00:00+02:00", "2024-03-01 09:00:00", "2024-03-01T09:00"],
+)
+def test_every_time_form_gives_the_same_instants_whichever_comes_first(
+    tmp_path: Path, store: Store, ingest, first: str
+) -> None:
+    """The vendor's ``...Z`` form takes a fast path; a file that mixes forms falls back to all of them."""
+    forms = ["2024-03-01T09:00:00Z", "2024-03-01T09:00:00.000Z", "2024-03-01T11:00:00+02:00",
+             "2024-03-01 09:00:00", "2024-03-01T09:00", "2024-03-01T04:00:00-05:00"]  # fmt: skip
+    times = [first, *forms]
+    lines = [MEASUREMENTS_HEADER] + [f"{i},d,{t},15,1,s,1,230,1,1,1" for i, t in enumerate(times)]
+    assert ingest(write_delivery(tmp_path / "times.csv", lines)).rows == len(times)
+    got = store.con.execute("SELECT DISTINCT measurement_time FROM panoramic_measurements").fetchall()
+    assert got == [(at("2024-03-01 09:00"),)]
+
+
+def test_a_bad_time_after_vendor_times_names_its_line(tmp_path: Path, ingest) -> None:
+    lines = [MEASUREMENTS_HEADER, "1,d,2024-03-01T09:00:00Z,15,1,s,1,230,1,1,1",
+             "2,d,2024-03-01T09:15:00Z,15,1,s,1,230,1,1,1", "3,d,2024-03-01T25:00:00Z,15,1,s,1,230,1,1,1"]  # fmt: skip
+    outcome = ingest(write_delivery(tmp_path / "bad.csv", lines))
+    assert outcome.status == "rejected"
+    assert (
+        outcome.detail == "line 4: measurement_time(UTC) value '2024-03-01T25:00:00Z' is not a date and time"
+    )
+
+
 def test_energy_in_kwh_and_mwh_is_stored_in_wh(tmp_path: Path, store: Store, ingest) -> None:
     kwh = MEASUREMENTS_HEADER.replace("energy(Wh)", "ENERGY(KWh)").replace("power(W)", "POWER(kW)")
     mwh = MEASUREMENTS_HEADER.replace("energy(Wh)", "ENERGY(MWh)")
