@@ -42,12 +42,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +58,12 @@ from bench_servers import (
     curl_put,
     free_port_range,
     loadavg,
-    machine_lines,
     make_source,
+    preamble,
     say,
     sftp_put,
     wait_ledger,
+    work_folder,
 )
 from bench_soak import Footprint, footprint, quiesce, source_address
 
@@ -446,30 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hold_main(args.spec)
         return 0
     began = time.time()
-    say(f"meterdrop idle connections, {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    say(
-        "command: ./run python bench/bench_idle.py"
-        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    )
-    for line in machine_lines():
-        if not line.startswith("baselines:"):
-            say(line)
-    say(f"load average at start: {loadavg()}")
+    preamble("meterdrop idle connections", "bench_idle.py", argv)
     for tool in ("sftp", "ssh-keygen", "curl"):
         if not shutil.which(tool):
             say(f"ERROR: `{tool}` is missing (apt-get install -y openssh-client curl)")
             return 2
-    parent = args.workdir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="meterdrop-bench-idle-", dir=parent))
-    say(f"work folder: {work}; serve runs with --idle-timeout {IDLE_TIMEOUT}")
-    try:
+    with work_folder(args.workdir, "meterdrop-bench-idle-", args.keep) as work:
+        say(f"work folder: {work}; serve runs with --idle-timeout {IDLE_TIMEOUT}")
         result = run_idle(IdleConfig(work, idle=args.idle, size_mb=args.size_mb, repeat=args.repeat))
-    finally:
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     for (protocol, state), rates in sorted(result.rates.items()):
         say(f"   per round, {protocol} {state}: " + ", ".join(f"{r:.0f}" for r in rates) + " MB/s")
     say(f"   SIGTERM -> exit {result.stop_code}")

@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,6 +178,34 @@ def machine_lines() -> list[str]:
         f"clients: {command_version(['ssh', '-V'])}   {command_version(['curl', '--version'])}",
         f"baselines: openssh-server {package_version('openssh-server')}   vsftpd {package_version('vsftpd')}",
     ]
+
+
+def preamble(title: str, script: str, argv: Sequence[str] | None) -> None:
+    """The lines every server benchmark starts with: what ran, on what, under what load."""
+    say(f"{title}, {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    say(
+        f"command: ./run python bench/{script}"
+        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    )
+    for line in machine_lines():
+        if not line.startswith("baselines:"):
+            say(line)
+    say(f"load average at start: {loadavg()}")
+
+
+@contextlib.contextmanager
+def work_folder(parent: Path | None, prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh folder for one benchmark run, removed afterwards unless ``keep``."""
+    parent = parent or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield work
+    finally:
+        if keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # -- result rows --------------------------------------------------------------------------------

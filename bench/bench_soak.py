@@ -49,10 +49,8 @@ import io
 import json
 import re
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -70,10 +68,11 @@ from bench_servers import (
     Report,
     free_port_range,
     loadavg,
-    machine_lines,
     meterdrop_cli,
     percentile,
+    preamble,
     say,
+    work_folder,
 )
 
 DEVICES = 100  # the reading keys' device pool ...
@@ -881,38 +880,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker_main(args.worker, args.spec)
         return 0
     began = time.time()
-    say(f"meterdrop soak, {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    say(
-        "command: ./run python bench/bench_soak.py"
-        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    )
-    for line in machine_lines():
-        if not line.startswith("baselines:"):
-            say(line)
-    say(f"load average at start: {loadavg()}")
-    parent = args.workdir or Path(tempfile.gettempdir())
-    parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="meterdrop-bench-soak-", dir=parent))
-    say(f"work folder: {work}")
-    cfg = SoakConfig(
-        work,
-        deliveries=args.deliveries,
-        clients=args.clients,
-        file_kb=args.file_kb,
-        warmup=args.warmup,
-        per_session=args.per_session,
-        passive_ports=args.passive_ports,
-        checkpoints=args.checkpoints,
-        poll=args.poll,
-        ingest_timeout=args.ingest_timeout,
-    )
-    try:
+    preamble("meterdrop soak", "bench_soak.py", argv)
+    with work_folder(args.workdir, "meterdrop-bench-soak-", args.keep) as work:
+        say(f"work folder: {work}")
+        cfg = SoakConfig(
+            work,
+            deliveries=args.deliveries,
+            clients=args.clients,
+            file_kb=args.file_kb,
+            warmup=args.warmup,
+            per_session=args.per_session,
+            passive_ports=args.passive_ports,
+            checkpoints=args.checkpoints,
+            poll=args.poll,
+            ingest_timeout=args.ingest_timeout,
+        )
         result = run_soak(cfg)
-    finally:
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     say("\n== soak phase, the server's footprint over time")
     for line in timeline(result):
         say(line)
