@@ -73,6 +73,32 @@ def test_ingest_folder_then_status_and_query(tmp_path: Path, drops: Path) -> Non
     assert "│ 2 │" in as_table.stdout
 
 
+def test_many_small_files_share_transactions_and_each_gets_its_line(tmp_path: Path) -> None:
+    """Newest delivery wins across files grouped together; a bad one among them is rejected alone."""
+    folder = tmp_path / "exports"
+    for n in range(30):
+        write_delivery(folder / f"m{n:02d}.csv",
+                       [MEASUREMENTS_HEADER, f"1,Chiller,2024-01-01T00:00:00Z,60,7,HQ,1,230,{n},1,230",
+                        f"{n + 100},Pump,2024-01-01T00:00:00Z,60,7,HQ,1,230,1,1,1"],
+                       at(f"2024-01-01 {n // 60:02d}:{n % 60:02d}"))  # fmt: skip
+    write_delivery(
+        folder / "m15b.csv", [MEASUREMENTS_HEADER, "1,Chiller,2024-01-01T00:00:00Z,60,7,HQ,1,230,x,1,3"]
+    )
+    result = meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), str(folder))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 31 and sum(line.startswith("ingested  ") for line in lines) == 30
+    assert any(line.startswith(f"rejected  {folder}/m15b.csv") for line in lines)
+    rows = meterdrop("query", "--db", str(tmp_path / "x.duckdb"), "--format", "json",
+                     "SELECT count(*) AS n, max(power_w) FILTER (device_id = '1') AS chiller, "
+                     "(SELECT count(*) FROM files WHERE status = 'ingested') AS files FROM panoramic_measurements")  # fmt: skip
+    assert json.loads(rows.stdout) == [{"n": 31, "chiller": 29.0, "files": 30}]
+    # now() is a transaction's start: files committed together share their ingested_at
+    together = meterdrop("query", "--db", str(tmp_path / "x.duckdb"), "--format", "json",
+                         "SELECT count(DISTINCT ingested_at) AS commits FROM files WHERE status = 'ingested'")  # fmt: skip
+    assert json.loads(together.stdout)[0]["commits"] < 30
+
+
 def test_rejected_file_gives_exit_1_and_shows_in_status(tmp_path: Path, drops: Path) -> None:
     bad = write_delivery(
         drops / "bad.csv", [MEASUREMENTS_HEADER, "1,a,2024-01-01T00:00:00Z,60,1,s,1,230,x,1,3"]
