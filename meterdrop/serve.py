@@ -56,7 +56,7 @@ def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
     remaining = list(paths)
     limits = Limits(max_file_bytes=config.max_file_bytes)
     while remaining:
-        with open_store(config.database, wait=config.db_wait,
+        with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
                         on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
             ingester = Ingester(store, timezone=config.timezone, limits=limits)
             deadline = time.monotonic() + HOLD_SECONDS

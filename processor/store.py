@@ -194,6 +194,7 @@ def open_store(
     read_only: bool = False,
     wait: float = 0.0,
     on_wait: Callable[[str], None] | None = None,
+    checkpoint_on_close: bool = True,
 ) -> Store:
     """Open the database, waiting up to ``wait`` seconds while another process holds it.
 
@@ -204,7 +205,7 @@ def open_store(
     told = False
     while True:
         try:
-            return Store(path, read_only=read_only)
+            return Store(path, read_only=read_only, checkpoint_on_close=checkpoint_on_close)
         except duckdb.IOException as error:
             if "lock" not in str(error).lower() or time.monotonic() >= deadline:
                 raise
@@ -217,10 +218,21 @@ def open_store(
 class Store:
     """One open meterdrop database; a single writer, as DuckDB requires."""
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+    def __init__(
+        self, path: Path | str, *, read_only: bool = False, checkpoint_on_close: bool = True
+    ) -> None:
+        """``checkpoint_on_close=False`` leaves the write-ahead log for the next writer.
+
+        ``meterdrop serve`` closes the database every second so that readers get in, and
+        each close checkpointed (0.35 s for a group of 1 MB deliveries, about 15% of its
+        ingest rate). The log is replayed by whoever opens the file next, read-only
+        included, and DuckDB still checkpoints on its own once the log passes 16 MB.
+        """
         self.path = Path(path)
         self.con = duckdb.connect(str(path), read_only=read_only)
         self.con.execute("SET TimeZone = 'UTC'")
+        if not checkpoint_on_close and not read_only:
+            self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
         self._depth = 0  # open transaction() blocks; only the outermost one begins and commits
         if not read_only:
             self._create()
