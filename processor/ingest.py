@@ -106,6 +106,11 @@ def looks_like_xml(head: bytes) -> bool:
     )
 
 
+def _large_feed(head: bytes, size: int) -> bool:
+    """A Green Button XML feed big enough to be staged (and merged on DuckDB's small budget)."""
+    return looks_like_xml(head) and size > XML_STAGING_BYTES
+
+
 def _sniff(head: bytes) -> None:
     """Refuse what is plainly not a CSV export before any parsing."""
     if not head:
@@ -281,8 +286,7 @@ class Ingester:
         if head.startswith(ZIP_MAGIC):
             return self._ingest_archive(real, entry, known.id if known else None, depth)
         # A large feed is staged, merged, committed and its scratch table dropped on a small budget.
-        frugal = looks_like_xml(head) and size > XML_STAGING_BYTES
-        with self.store.frugal() if frugal else nullcontext():
+        with self.store.frugal() if _large_feed(head, size) else nullcontext():
             return self._store(real, name, head, size, entry, known.id if known else None)
 
     def _store(
@@ -324,7 +328,7 @@ class Ingester:
         the scratch table, dropped at the next start). Below them one transaction is
         faster and small enough.
         """
-        if looks_like_xml(head) and size > XML_STAGING_BYTES:
+        if _large_feed(head, size):
             return self._stage_espi(real, name, head, delivered_at)
         if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
             return None
