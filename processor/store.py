@@ -476,7 +476,7 @@ class Store:
             self._merge(table, source, columns, key, version, source_params=params, target_range=bounds)
 
     @contextlib.contextmanager
-    def frugal(self, memory: str | None = None) -> Iterator[None]:
+    def frugal(self) -> Iterator[None]:
         """DuckDB on a small memory budget and one thread, for as long as the block runs.
 
         A Green Button feed's readings are staged and merged under it: DuckDB's default
@@ -484,7 +484,7 @@ class Store:
         a sliced merge, a feed of any size stays under 300 MB at a small cost in speed
         (bench/README.md). What does not fit spills to DuckDB's temporary directory.
         """
-        self.con.execute(f"SET memory_limit = '{memory or FRUGAL_MEMORY}'")
+        self.con.execute(f"SET memory_limit = '{FRUGAL_MEMORY}'")
         self.con.execute("SET threads = 1")
         try:
             yield
