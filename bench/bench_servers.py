@@ -607,6 +607,8 @@ class ServerAlone:
 
 def alone_main(spec_path: Path) -> None:
     """Runs in a subprocess: one of meterdrop's servers, as `serve` configures it, minus the watcher."""
+    import uvloop
+
     from fileserver.ftps import FtpsServer
     from fileserver.guard import Guard
     from fileserver.sftp import start_sftp_server, stop_sftp_server
@@ -626,7 +628,7 @@ def alone_main(spec_path: Path) -> None:
             await stop.wait()
             await stop_sftp_server(acceptor)
 
-        asyncio.run(run_sftp())
+        uvloop.run(run_sftp())  # as `meterdrop serve` runs it
         return
     first, stop_at = spec["passive"]
     ftps = FtpsServer(host="127.0.0.1", port=0, passive_ports=range(first, stop_at), users=users, guard=guard,

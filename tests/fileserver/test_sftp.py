@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import asyncssh
 import paramiko
 import pytest
+import uvloop
 
 from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
@@ -43,7 +44,7 @@ class SFTPServerThread:
 
     def __init__(self, users: UserStore, guard: Guard, certs_dir: Path, **options: Any) -> None:
         self.published: list[Path] = []
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the loop `meterdrop serve` runs
         self.thread = threading.Thread(target=self.loop.run_forever, name="sftp-server", daemon=True)
         self.thread.start()
         self.acceptor = self.call(
