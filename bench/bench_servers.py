@@ -1200,8 +1200,8 @@ def concurrent_case(env: Env) -> None:
     report.add("concurrent", "server open fds start / peak / end", f"{fds_start} / {fds_peak} / {fds_end}",
                "", "", "", "")  # fmt: skip
     report.notes.append(
-        f"concurrent: FTPS clients ran at most {args.ftps_sessions} sessions at once (`serve` has no option for "
-        f"FTPS connections per IP, fixed at 10: probe {sum(r.startswith('220') for r in replies)}x 220, then "
+        f"concurrent: FTPS clients ran at most {args.ftps_sessions} sessions at once (`serve`'s default "
+        f"--max-connections-per-ip of 10, kept here: probe {sum(r.startswith('220') for r in replies)}x 220, then "
         f"{replies[refused[0] - 1] if refused else 'no 421'!r}); {retries} STOR retries after 425; "
         f"reader found the DB locked in {blocked}/{polls} attempts, longest wait {longest_unreadable:.1f}s"
     )
