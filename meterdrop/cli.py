@@ -237,7 +237,15 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
         while done < len(files):
             # Small files share a transaction and a MERGE per table (Ingester.ingest_group);
             # each group ends within about a second so that the progress bar keeps moving.
-            outcomes = ingester.ingest_group(files[done:], until=time.monotonic() + _GROUP_SECONDS)
+            try:
+                outcomes = ingester.ingest_group(files[done:], until=time.monotonic() + _GROUP_SECONDS)
+            except (duckdb.Error, OSError) as error:  # the machine's trouble, not the file's
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise click.ClickException(
+                    f"stopped at {files[done]}: {reason}. Nothing of it was stored, and it is not in "
+                    f"the ledger; {done} file(s) before it are. Fix the cause (memory, disk space), then "
+                    "run the same command again: files already in the ledger are skipped."
+                ) from None
             for outcome in outcomes:
                 rejected += _any_rejected(outcome)
                 for each, line in _outcome_lines(outcome):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -93,3 +94,12 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def ingest(store: Store) -> Callable[[Path], Outcome]:
     ingester = Ingester(store)
     return ingester.ingest
+
+
+def mount_tmpfs(target: Path, size: int) -> bool:
+    """A small file system of its own at ``target`` (the tests run as root here); False if refused."""
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(target)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return result.returncode == 0

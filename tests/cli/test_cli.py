@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MEASUREMENTS_HEADER, PULSE_HEADER, SHARED, at, write_delivery
+from tests.conftest import MEASUREMENTS_HEADER, PULSE_HEADER, SHARED, at, mount_tmpfs, write_delivery
 
 
 def meterdrop(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -183,3 +185,76 @@ def test_max_file_size_refuses_larger_files_with_a_reason(tmp_path: Path, drops:
     )
     bad = meterdrop("ingest", "--db", str(tmp_path / "x.duckdb"), "--max-file-size", "lots", str(big))
     assert bad.returncode == 2 and "'lots' is not a size like 500M or 2G" in bad.stderr
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def full_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A database folder on a disk with no room left, and how to make room.
+
+    ``tmpfs``: a real 16 MB file system filled by a filler file (where mounting is refused,
+    the ``injected`` way instead). ``injected``: DuckDB's commit fails as it does on a full
+    disk, through a site hook that only the subprocess loads.
+    """
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if request.param == "tmpfs" and mount_tmpfs(folder, 16 * 1024 * 1024):
+        try:
+            result = meterdrop("ingest", "--db", str(folder / "m.duckdb"), str(_small_delivery(tmp_path)))
+            assert result.returncode == 0, result.stderr
+            stat = os.statvfs(folder)
+            filler = folder / "filler"
+            filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 300_000))
+            yield folder, filler.unlink
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    flag = tmp_path / "disk-full"
+    flag.touch()
+    (hook / "sitecustomize.py").write_text(
+        "import os, duckdb, processor.store as s\n"
+        "real = s.Store.record\n"
+        "def record(self, *a, **k):\n"
+        f"    if os.path.exists({str(flag)!r}):\n"
+        "        raise duckdb.IOException('Could not write file \"m.duckdb.wal\": No space left on device')\n"
+        "    return real(self, *a, **k)\n"
+        "s.Store.record = record\n"
+    )
+    os.environ["PYTHONPATH"] = f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    try:
+        yield folder, flag.unlink
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+
+
+def _small_delivery(folder: Path) -> Path:
+    path = folder / "first.csv"
+    write_delivery(path, [MEASUREMENTS_HEADER, "1,Chiller,2024-01-01T00:00:00Z,60,7,HQ,1,230,230,1,230"],
+                   at("2024-01-01 01:00"))  # fmt: skip
+    return path
+
+
+def test_a_full_disk_stops_ingest_with_a_clear_error_and_loses_nothing(
+    tmp_path: Path, full_disk: tuple[Path, Callable[[], None]]
+) -> None:
+    folder, make_room = full_disk
+    delivery = tmp_path / "big.csv"
+    write_delivery(delivery, [MEASUREMENTS_HEADER] + [
+        f"{d},Dev {d},2024-01-02T{h:02d}:{m:02d}:00Z,15,7,HQ,1.5,230.1,{d / 10:.2f},0.9,{h * m * 0.3:.3f}"
+        for d in range(300) for h in range(24) for m in (0, 15, 30, 45)
+    ], at("2024-01-03 01:00"))  # fmt: skip
+    database = folder / "m.duckdb"
+    result = meterdrop("ingest", "--db", str(database), str(delivery))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"stopped at {delivery}" in result.stderr and "No space left on device" in result.stderr
+    assert "run the same command again" in result.stderr
+    make_room()
+    result = meterdrop("ingest", "--db", str(database), str(delivery))
+    assert result.returncode == 0, result.stderr
+    counts = meterdrop("query", "--db", str(database), "--format", "csv",
+                       "SELECT count(*) AS n, count(DISTINCT file_id) AS f FROM panoramic_measurements "
+                       "WHERE measurement_time >= '2024-01-02'")  # fmt: skip
+    assert counts.returncode == 0, counts.stderr
+    assert counts.stdout.splitlines()[1:] == ["28800,1"]

@@ -34,6 +34,7 @@ import pytest
 
 from fileserver import drops
 from fileserver.users import UserStore
+from tests.conftest import mount_tmpfs
 
 from .attack_harness import LOCAL, DropBox, openssh_sftp_batch
 from .conftest import VENDOR, VENDOR_PASSWORD
@@ -67,21 +68,13 @@ class SmallDisk:
         return filler
 
 
-def _mount_tmpfs(target: Path, size: int) -> bool:
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(target)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    return result.returncode == 0
-
-
 @pytest.fixture(params=["tmpfs", "injected"])
 def small_disk(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[SmallDisk]:
     root = tmp_path / "data"
     root.mkdir()
-    if request.param == "tmpfs" and _mount_tmpfs(root, SIZE):
+    if request.param == "tmpfs" and mount_tmpfs(root, SIZE):
         try:
             yield SmallDisk(root, "tmpfs", SIZE)
         finally:
