@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import lzma
 import os
 import tempfile
@@ -16,7 +17,6 @@ import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,14 +32,23 @@ from processor.greenbutton import espi
 from processor.greenbutton.espi import EspiParser, EspiResult, refuse_dtd
 from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv, refuse_oversized
 from processor.headers import normalise_all
-from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
+from processor.store import (
+    DELIVERY_VERSION,
+    GREENBUTTON_KEYS,
+    PROVENANCE,
+    UPDATED_VERSION,
+    Delivery,
+    Store,
+)
 from processor.timezones import system_timezone
 
+log = logging.getLogger("meterdrop.ingest")
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
 STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
 XML_STAGING_BYTES = 16 * 1024 * 1024  # ESPI feeds above this too (about 80k readings)
+PARALLEL_STAGING_BYTES = 256 * 1024 * 1024  # and up to this size staged beside the parser (Store.appending)
 ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
 GROUP_FILE_BYTES = 8 * 1024 * 1024  # files up to this size may share a transaction with others
 GROUP_BYTES = 64 * 1024 * 1024  # and a group holds at most this much
@@ -293,9 +302,30 @@ class Ingester:
                                 Rejected(f"same content as {refused[0]}, rejected: {refused[1]}"))  # fmt: skip
         if head.startswith(ZIP_MAGIC):
             return self._ingest_archive(real, entry, known.id if known else None, depth)
-        # A large feed is staged, merged, committed and its scratch table dropped on a small budget.
-        with self.store.frugal() if _large_feed(head, size) else nullcontext():
-            return self._store(real, name, head, size, entry, known.id if known else None)
+        known_id = known.id if known else None
+        if not _large_feed(head, size):
+            return self._store(real, name, head, size, entry, known_id)
+        report, reported = self.on_rows, 0
+
+        def counting(rows: int) -> None:
+            nonlocal reported
+            reported += rows
+            report(rows)
+
+        self.on_rows = counting
+        try:  # a large feed is staged, merged, committed and its scratch table dropped on a small budget
+            with self.store.frugal():
+                return self._store(real, name, head, size, entry, known_id)
+        except duckdb.OutOfMemoryException as error:
+            # Replacing stored readings keeps a mark per replaced row until COMMIT, so a
+            # re-delivery of many millions of them outgrows any fixed budget (10M did 64 MB).
+            # Rolled back; done again on DuckDB's own budget: more memory, nothing lost.
+            log.warning("%s ran out of DuckDB's budget for large feeds (%s); ingesting it again without it",
+                        name, str(error).splitlines()[0])  # fmt: skip
+        finally:
+            self.on_rows = report
+        report(-reported)  # the second pass reports its rows again
+        return self._store(real, name, head, size, entry, known_id)
 
     def _store(
         self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None
@@ -337,7 +367,7 @@ class Ingester:
         faster and small enough.
         """
         if _large_feed(head, size):
-            return self._stage_espi(real, name, head, delivered_at)
+            return self._stage_espi(real, name, head, delivered_at, background=size <= PARALLEL_STAGING_BYTES)
         if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
             return None
         header = read_header(head)
@@ -364,18 +394,25 @@ class Ingester:
             raise
         return staged
 
-    def _stage_espi(self, real: Path, name: str, head: bytes, delivered_at: datetime) -> Staged:
+    def _stage_espi(
+        self, real: Path, name: str, head: bytes, delivered_at: datetime, *, background: bool
+    ) -> Staged:
         """A large ESPI feed: its interval rows go to a scratch table as they are parsed."""
         refuse_dtd(head)
         table = self.store.create_staging("greenbutton_intervals")
         provenance = self._provenance(None, delivered_at, name)
         try:
+            with (
+                self.store.appending(
+                    table, lambda frame: self._greenbutton_rows(frame, provenance), background=background
+                ) as put,
+                real.open("rb") as stream,
+            ):
 
-            def sink(frame: pl.DataFrame) -> None:
-                self.store.append(table, self._greenbutton_rows(frame, provenance))
-                self.on_rows(frame.height)
+                def sink(frame: pl.DataFrame) -> None:
+                    put(frame)
+                    self.on_rows(frame.height)
 
-            with real.open("rb") as stream:
                 result = EspiParser(sink).parse(stream)
         except BaseException:
             self.store.drop_staging(table)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:
 SCHEMA_VERSION = 1
 STAGING_PREFIX = "_meterdrop_staging_"
 _BATCH_ROWS = 122_880  # DuckDB's row group size
-MERGE_SLICE_ROWS = 250_000  # a sliced scratch-table merge takes this many rows at a time
+MERGE_SLICE_ROWS = 100_000  # a sliced scratch-table merge takes this many rows at a time
+_APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
 FRUGAL_MEMORY = "64MB"  # DuckDB's budget while a large Green Button feed is staged and merged
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
@@ -234,6 +237,16 @@ class Store:
         if not checkpoint_on_close and not read_only:
             self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
         self._depth = 0  # open transaction() blocks; only the outermost one begins and commits
+        row = self.con.execute(
+            "SELECT current_setting('memory_limit'), current_setting('threads')"
+        ).fetchone()
+        assert row is not None
+        # DuckDB's budget outside frugal(), as DuckDB spells it ("18.8 GiB"), set once as
+        # spelled so that setting the same words back gives the same limit again (the
+        # spelling rounds: re-reading and setting it would lower it a little each time).
+        self._budget = (str(row[0]), int(row[1]))
+        if not read_only:
+            self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
         if not read_only:
             self._create()
 
@@ -387,22 +400,12 @@ class Store:
         version: Sequence[str],
         *,
         source_params: Sequence[object] = (),
-        target_range: tuple[str, object, object] | None = None,
     ) -> None:
-        """MERGE ``source`` into ``table``; ``target_range`` (column, low, high) bounds the matches.
-
-        DuckDB pushes the source's key range into the table scan only as an optional
-        filter; a slice of a scratch table says its range outright, so row groups outside
-        it are skipped for certain (under a 64 MB budget a 3M-reading feed ran out of
-        memory without it).
-        """
+        """MERGE ``source`` into ``table``: a newer version replaces, a new key is inserted."""
         quoted = [f'"{c}"' for c in columns]
         keys = [f'"{k}"' for k in key]
         on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
         params = list(source_params)
-        if target_range is not None:
-            on += f' AND t."{target_range[0]}" BETWEEN ? AND ?'
-            params += target_range[1:]
         newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
         assignments = ", ".join(f"{c} = s.{c}" for c in quoted if c not in keys)
         self.con.execute(
@@ -421,15 +424,54 @@ class Store:
 
     def append(self, table: str, rows: pl.DataFrame) -> None:
         """Add rows to a scratch table, committed at once (autocommit)."""
-        if rows.height == 0:
+        _append(self.con, table, rows)
+
+    @contextlib.contextmanager
+    def appending(
+        self, table: str, prepare: Callable[[pl.DataFrame], pl.DataFrame], *, background: bool = True
+    ) -> Iterator[Callable[[pl.DataFrame], None]]:
+        """``put(frame)`` for a scratch table, appended on a thread of its own (``background``).
+
+        A large Green Button feed kept one core busy: the parser waited while DuckDB
+        appended each frame (2 of 9 s per million readings). DuckDB and polars release
+        the GIL, so the appends can run beside the parser, on a cursor of their own
+        (autocommit, as ``append``). At most ``_APPEND_QUEUE`` frames wait; an append's
+        error is raised by the next ``put`` or when the block ends, and the caller drops
+        the scratch table as before. The thread costs about 20 MB more at the peak, which
+        the largest feeds cannot afford (bench/README.md): they append in line.
+        """
+        if not background:
+            yield lambda frame: _append(self.con, table, prepare(frame))
             return
-        batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
-        self.con.register("staged_rows", batches)
+        waiting: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=_APPEND_QUEUE)
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            cursor = self.con.cursor()
+            try:
+                while (frame := waiting.get()) is not None:
+                    if not failures:  # after a failure the rest is only drained
+                        try:
+                            _append(cursor, table, prepare(frame))
+                        except BaseException as error:
+                            failures.append(error)
+            finally:
+                cursor.close()
+
+        def put(frame: pl.DataFrame) -> None:
+            if failures:
+                raise failures[0]
+            waiting.put(frame)
+
+        worker = threading.Thread(target=work, name=f"append-{table}", daemon=True)
+        worker.start()
         try:
-            columns = ", ".join(f'"{c}"' for c in rows.columns)
-            self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_rows")
+            yield put
         finally:
-            self.con.unregister("staged_rows")
+            waiting.put(None)
+            worker.join()
+        if failures:
+            raise failures[0]
 
     def merge_staging(
         self,
@@ -447,10 +489,17 @@ class Store:
         With ``slice_by`` (a time column of the key) the merge runs in slices of about
         ``MERGE_SLICE_ROWS`` rows cut at equal steps of that column, so that under a small
         memory limit (``frugal``) no statement needs the whole file's window and join at
-        once. The slices share the caller's transaction: the file still lands whole.
+        once. The slices share the caller's transaction: the file still lands whole. A
+        slice with nothing stored in its time range is inserted (a first delivery, the
+        usual case, in half the time of a MERGE); one that meets stored readings
+        replaces the ones it outdates (``_replace``).
         """
         keys = ", ".join(f'"{k}"' for k in key)
+        columns = self.table_columns(staging)
+        quoted = ", ".join(f'"{c}"' for c in columns)
+        provenance = f"SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging}"
         pieces: list[tuple[str, list[object]]] = [("TRUE", [])]
+        repeats = True  # whether a key may occur more than once in the file
         if slice_by is not None:
             row = self.con.execute(
                 f'SELECT count(*), min("{slice_by}"), max("{slice_by}") FROM {staging}'
@@ -466,14 +515,60 @@ class Store:
                     for number, (start, stop) in enumerate(zip([low, *cuts], [*cuts, high], strict=True))
                 ]
                 pieces[0] = (f"({column} IS NULL OR {pieces[0][0]})", pieces[0][1])  # none is lost
-        columns = self.table_columns(staging)
+            # Most feeds repeat no key; then no slice needs the window that keeps the newest.
+            repeats = self._distinct(staging, keys) != count
         for within, params in pieces:
-            source = (
-                f"(SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging} WHERE {within} "
-                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1)"
+            newest = (
+                f" QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1" if repeats else ""
             )
-            bounds = (slice_by, params[0], params[1]) if slice_by is not None and params else None
-            self._merge(table, source, columns, key, version, source_params=params, target_range=bounds)
+            source = f"({provenance} WHERE {within}{newest})"
+            if slice_by is None or not params:
+                self._merge(table, source, columns, key, version, source_params=params)
+            elif self._none_between(table, slice_by, params[0], params[1]):
+                # Nothing stored in the slice's range can match: MERGE would only insert.
+                self.con.execute(f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {source}", params)
+            else:
+                self._replace(table, source, quoted, key, version, params, (slice_by, params[0], params[1]))
+
+    def _replace(
+        self,
+        table: str,
+        source: str,
+        quoted: str,
+        key: Sequence[str],
+        version: Sequence[str],
+        source_params: Sequence[object],
+        bounds: tuple[str, object, object],
+    ) -> None:
+        """What MERGE does, as a DELETE of the stored rows the slice outdates and an INSERT.
+
+        A MERGE's UPDATE keeps every replaced row's old values in memory until COMMIT, so
+        re-delivering a feed of 3M readings that were all stored ran out of the 64 MB
+        budget however it was sliced. A delete keeps only a row mark, and inserted rows
+        go to the database file.
+        """
+        column, low, high = bounds
+        on = " AND ".join(f't."{k}" = s."{k}"' for k in key) + f' AND t."{column}" BETWEEN ? AND ?'
+        newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
+        params = [*source_params, low, high]
+        self.con.execute(f"DELETE FROM {table} AS t USING {source} AS s WHERE {on} AND {newer}", params)
+        self.con.execute(
+            f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {source} AS s "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})",
+            params,
+        )
+
+    def _distinct(self, table: str, keys: str) -> int:
+        row = self.con.execute(f"SELECT count(*) FROM (SELECT DISTINCT {keys} FROM {table})").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def _none_between(self, table: str, column: str, low: object, high: object) -> bool:
+        """No row of ``table`` has ``column`` in [low, high] (row groups outside are skipped)."""
+        found = self.con.execute(
+            f'SELECT 1 FROM {table} WHERE "{column}" BETWEEN ? AND ? LIMIT 1', [low, high]
+        ).fetchone()
+        return found is None
 
     @contextlib.contextmanager
     def frugal(self) -> Iterator[None]:
@@ -481,8 +576,10 @@ class Store:
 
         A Green Button feed's readings are staged and merged under it: DuckDB's default
         budget (80% of RAM) let a 1M-reading feed take 520 MB; with 64 MB, one thread and
-        a sliced merge, a feed of any size stays under 300 MB at a small cost in speed
-        (bench/README.md). What does not fit spills to DuckDB's temporary directory.
+        a sliced merge, a first delivery of any size stays under 300 MB at a small cost in
+        speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
+        what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller retries
+        without this budget).
         """
         self.con.execute(f"SET memory_limit = '{FRUGAL_MEMORY}'")
         self.con.execute("SET threads = 1")
@@ -490,9 +587,11 @@ class Store:
             yield
             if self._depth == 0:  # the checkpoint of what was committed, on the same budget
                 self.con.execute("CHECKPOINT")
-        finally:  # back to DuckDB's defaults, which meterdrop uses everywhere else
-            self.con.execute("RESET memory_limit")
-            self.con.execute("RESET threads")
+        finally:
+            # Set back, not RESET: in DuckDB 1.5 `RESET memory_limit` reports the default
+            # again but leaves the buffer pool at the small limit, for every later ingest.
+            self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
+            self.con.execute(f"SET threads = {self._budget[1]}")
 
     def drop_staging(self, name: str) -> None:
         if name.startswith(STAGING_PREFIX):
@@ -521,3 +620,15 @@ class Store:
             [table],
         ).fetchall()
         return [r[0] for r in rows]
+
+
+def _append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
+    if rows.height == 0:
+        return
+    batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
+    con.register("staged_rows", batches)
+    try:
+        columns = ", ".join(f'"{c}"' for c in rows.columns)
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_rows")
+    finally:
+        con.unregister("staged_rows")

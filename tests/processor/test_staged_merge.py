@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from processor import ingest as ingest_module
 from processor import store as store_module
+from processor.greenbutton import espi as espi_module
 from processor.ingest import Ingester
 from processor.store import FRUGAL_MEMORY, Store
 
@@ -40,23 +42,31 @@ def test_a_sliced_merge_stores_what_one_merge_stores(tmp_path: Path, monkeypatch
     assert tables[97] == tables[1 << 40] and len(tables[97]) > 5000
 
 
-def test_a_sliced_merge_runs_one_statement_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_re_delivery_is_replaced_one_slice_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
     monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", 500)
-    merges: list[int] = []
-    original = Store._merge
+    replaced: list[int] = []
+    original = Store._replace
 
     def counting(self: Store, *args: object, **kwargs: object) -> None:
-        merges.append(1)
+        replaced.append(1)
         original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "_merge", counting)
+    monkeypatch.setattr(Store, "_replace", counting)
+    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
+    _daily_feed(first, 2400, updated="2024-01-02T00:00:00Z")
+    _daily_feed(again, 2400, updated="2024-01-03T00:00:00Z", offset=7)
     with Store(tmp_path / "m.duckdb") as store:
-        outcome = Ingester(store).ingest(SAMPLES / "PGEIntervalBlock.xml")
-        assert (outcome.status, outcome.rows) == ("ingested", 2556)
-        assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (2280,)
-    # 2556 staged rows in slices of 500: six interval MERGEs, then the feed's other objects
-    assert len(merges) >= 6
+        assert Ingester(store).ingest(first).status == "ingested"
+        assert replaced == []  # nothing stored yet: the readings were inserted
+        assert Ingester(store).ingest(again).status == "ingested"
+        assert store.con.execute(
+            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
+        ).fetchone() == (2400, 1, 7, 2406)
+    # 2400 staged rows in slices of 500: five slices, each a DELETE and an INSERT
+    assert len(replaced) == 5
 
 
 def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
@@ -64,17 +74,19 @@ def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
 ) -> None:
     monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
     during: list[tuple[str, str]] = []
-    original_append, original_merge = Store.append, Store._merge
+    original_append, original_merge = store_module._append, Store._merge
 
-    def append(self: Store, *args: object) -> None:
-        during.append(_settings(self))
-        original_append(self, *args)  # type: ignore[arg-type]
+    def append(con: store_module.duckdb.DuckDBPyConnection, *args: object) -> None:
+        row = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+        assert row is not None
+        during.append((str(row[0]), str(row[1])))
+        original_append(con, *args)  # type: ignore[arg-type]
 
     def merge(self: Store, *args: object, **kwargs: object) -> None:
         during.append(_settings(self))
         original_merge(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "append", append)
+    monkeypatch.setattr(store_module, "_append", append)
     monkeypatch.setattr(Store, "_merge", merge)
     with Store(tmp_path / "m.duckdb") as store:
         before = _settings(store)
@@ -89,6 +101,22 @@ def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
     budget = small.execute("SELECT current_setting('memory_limit')").fetchone()
     assert during and budget is not None and set(during) == {(str(budget[0]), "1")}
     assert before != (str(budget[0]), "1")
+
+
+def test_the_full_budget_is_really_back_after_a_staged_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB 1.5's `RESET memory_limit` said the default was back while the buffer pool kept
+    the small limit: a list of 20M numbers (160 MB, which cannot spill) then failed."""
+    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    big = "SELECT length(list(range)) FROM range(20000000)"
+    with Store(tmp_path / "m.duckdb") as store:
+        assert store.con.execute(big).fetchone() == (20_000_000,)
+        with store.frugal(), pytest.raises(store_module.duckdb.OutOfMemoryException):
+            store.con.execute(big)
+        assert store.con.execute(big).fetchone() == (20_000_000,)
+        assert Ingester(store).ingest(SAMPLES / "PGEIntervalBlock.xml").status == "ingested"
+        assert store.con.execute(big).fetchone() == (20_000_000,)
 
 
 def test_a_small_feed_keeps_the_full_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,8 +134,15 @@ def test_a_small_feed_keeps_the_full_budget(tmp_path: Path, monkeypatch: pytest.
     assert seen and set(seen) == {before}
 
 
-def _daily_feed(path: Path, readings: int) -> None:
-    """An ESPI feed of hourly readings in daily blocks, as bench/bench_greenbutton.py writes it."""
+def _daily_feed(
+    path: Path, readings: int, *, updated: str | None = None, offset: int = 0, first: int = 0
+) -> None:
+    """An ESPI feed of hourly readings in daily blocks, as bench/bench_greenbutton.py writes it.
+
+    Reading ``i`` (from ``first``) starts ``i`` hours into 2020 and holds ``i % 5000 + offset``;
+    ``updated`` is every block's Atom ``updated`` (none: the file's delivery time counts).
+    """
+    stamp = f"<updated>{updated}</updated>" if updated else ""
     espi, start = "http://naesb.org/espi", 1_577_836_800
     with path.open("w") as out:
         out.write('<feed xmlns="http://www.w3.org/2005/Atom">'
@@ -120,14 +155,14 @@ def _daily_feed(path: Path, readings: int) -> None:
                   f'<entry><link rel="self" href="/ReadingType/1"/><content><ReadingType xmlns="{espi}">'
                   "<intervalLength>3600</intervalLength><powerOfTenMultiplier>0</powerOfTenMultiplier>"
                   "<uom>72</uom></ReadingType></content></entry>\n")  # fmt: skip
-        for day in range(0, readings, 24):
+        for day in range(first, first + readings, 24):
             out.write(f'<entry><link rel="self" href="/UsagePoint/1/MeterReading/1/IntervalBlock/{day}"/>'
-                      '<link rel="up" href="/UsagePoint/1/MeterReading/1/IntervalBlock"/>'
+                      f'<link rel="up" href="/UsagePoint/1/MeterReading/1/IntervalBlock"/>{stamp}'
                       f'<content><IntervalBlock xmlns="{espi}"><interval><duration>86400</duration>'
                       f"<start>{start + day * 3600}</start></interval>")  # fmt: skip
             out.writelines(
                 f"<IntervalReading><timePeriod><duration>3600</duration><start>{start + i * 3600}</start>"
-                f"</timePeriod><value>{i % 5000}</value></IntervalReading>"
+                f"</timePeriod><value>{i % 5000 + offset}</value></IntervalReading>"
                 for i in range(day, day + 24)
             )
             out.write("</IntervalBlock></content></entry>\n")
@@ -148,3 +183,144 @@ def test_a_million_readings_merge_within_half_the_budget(
         assert store.con.execute(
             "SELECT count(*), min(raw_value), max(raw_value) FROM greenbutton_intervals"
         ).fetchone() == (1_000_008, 0, 4999)
+
+
+def _deliveries(folder: Path) -> list[Path]:
+    """Overlapping deliveries in an order that tests the rule: a newer one, an older one that
+    must change nothing, one that overlaps half, and PG&E's sample with its repeated blocks."""
+    made = []
+    for name, readings, first, updated, offset in (
+        ("base.xml", 2400, 0, "2024-01-02T00:00:00Z", 0),
+        ("older.xml", 3600, 0, "2024-01-01T00:00:00Z", 100),
+        ("half.xml", 2400, 1200, "2024-01-03T00:00:00Z", 7),
+        ("undated.xml", 480, 3480, None, 11),
+    ):
+        _daily_feed(folder / name, readings, first=first, updated=updated, offset=offset)
+        made.append(folder / name)
+    return [*made, SAMPLES / "PGEIntervalBlock.xml"]
+
+
+@pytest.fixture(params=["beside the parser", "in line"])
+def appends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Staged feeds up to PARALLEL_STAGING_BYTES are appended on a thread, larger ones in line."""
+    monkeypatch.setattr(
+        ingest_module, "PARALLEL_STAGING_BYTES", 1 << 40 if request.param == "beside the parser" else 0
+    )
+    return str(request.param)
+
+
+def test_the_staged_paths_store_what_an_in_memory_merge_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appends: str
+) -> None:
+    """Staged feeds take three ways into the table: one INSERT (nothing stored in range, no
+    key repeated), an INSERT per slice (keys repeated), a DELETE and INSERT per slice (stored
+    readings in range). Each must give what one MERGE of the parsed rows gives."""
+    deliveries = _deliveries(tmp_path)
+    monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", 700)
+    ways: list[str] = []
+    monkeypatch.setattr(Store, "_replace", _spy(Store._replace, ways, "replace"))
+    monkeypatch.setattr(Store, "_distinct", _spy(Store._distinct, ways, "distinct"))
+    tables = {}
+    for staged in (False, True):
+        monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0 if staged else 1 << 40)
+        with Store(tmp_path / f"{staged}.duckdb") as store:
+            ingester = Ingester(store)
+            for delivery in deliveries:
+                assert ingester.ingest(delivery).status == "ingested"
+            tables[staged] = _intervals(store)
+    assert tables[True] == tables[False] and len(tables[True]) > 3600 + 2000
+    assert "replace" in ways and "distinct" in ways  # the staged run went all three ways
+
+
+def _spy(method: object, log: list[str], name: str) -> object:
+    def spying(*args: object, **kwargs: object) -> object:
+        log.append(name)
+        return method(*args, **kwargs)  # type: ignore[operator]
+
+    return spying
+
+
+def test_a_failed_append_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appends: str
+) -> None:
+    """Whether the scratch table is filled beside the parser or in line, an append's error
+    reaches the ingest, no thread is left, the scratch table goes, and nothing is stored."""
+    feed = tmp_path / "feed.xml"
+    _daily_feed(feed, 2400)
+    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(espi_module, "BATCH_READINGS", 300)
+    original, calls, threads = store_module._append, [], set()
+
+    def failing(*args: object) -> None:
+        calls.append(1)
+        threads.add(threading.current_thread().name.startswith("append-"))
+        if len(calls) == 2:
+            raise store_module.duckdb.IOException("disk gone")
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "_append", failing)
+    with Store(tmp_path / "m.duckdb") as store:
+        with pytest.raises(store_module.duckdb.IOException, match="disk gone"):
+            Ingester(store).ingest(feed)
+        assert not [t for t in threading.enumerate() if t.name.startswith("append-")]
+        assert store.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE starts_with(table_name, ?)",
+            [store_module.STAGING_PREFIX],
+        ).fetchone() == (0,)
+        assert store.con.execute("SELECT count(*) FROM files").fetchone() == (0,)
+        assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (0,)
+        monkeypatch.setattr(store_module, "_append", original)
+        outcome = Ingester(store).ingest(feed)
+        assert (outcome.status, outcome.rows) == ("ingested", 2400)
+    assert len(calls) == 2  # it stopped appending at the failure
+    assert threads == {appends == "beside the parser"}
+
+
+def test_re_delivering_a_million_stored_readings_fits_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MERGE keeps each replaced row's old values until COMMIT: re-delivering 3M stored
+    readings ran out of 64 MB. Deleting and inserting per slice fits a million in 32 MB."""
+    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
+    _daily_feed(first, 1_000_008, updated="2024-01-02T00:00:00Z")
+    _daily_feed(again, 1_000_008, updated="2024-01-03T00:00:00Z", offset=3)
+    monkeypatch.setattr(store_module, "FRUGAL_MEMORY", "32MB")
+    attempts: list[str] = []
+    monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
+    with Store(tmp_path / "m.duckdb") as store:
+        for feed in (first, again):
+            outcome = Ingester(store).ingest(feed)
+            assert (outcome.status, outcome.rows) == ("ingested", 1_000_008), outcome.detail
+        assert attempts == ["store", "store"]  # each within the budget, at the first attempt
+        assert store.con.execute(
+            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
+        ).fetchone() == (1_000_008, 1, 3, 5002)
+
+
+def test_a_feed_that_outgrows_the_budget_is_ingested_on_the_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replacing stored readings needs memory for each until COMMIT (10M re-delivered did not
+    fit 64 MB): what runs out of the small budget is rolled back and done again without it."""
+    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
+    _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
+    _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
+    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    attempts: list[str] = []
+    monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
+    with Store(tmp_path / "m.duckdb") as store:
+        before = _settings(store)
+        assert Ingester(store).ingest(first).status == "ingested"
+        assert attempts == ["store"]
+        monkeypatch.setattr(store_module, "FRUGAL_MEMORY", "1MB")
+        heard: list[int] = []
+        outcome = Ingester(store, on_rows=heard.append).ingest(again)
+        assert min(heard) < 0 and sum(heard) == 24_000  # what the first attempt reported was taken back
+        assert (outcome.status, outcome.rows) == ("ingested", 24_000), outcome.detail
+        assert attempts == ["store"] * 3  # the second feed twice: on the small budget, then on the full one
+        assert _settings(store) == before
+        assert store.con.execute(
+            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
+        ).fetchone() == (24_000, 1, 3, 5002)
+        assert store.con.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (2, 2)
+    assert "ran out of DuckDB's budget for large feeds" in caplog.text
