@@ -8,7 +8,7 @@ worst case for memory), then measures in the same run:
 - ours: `meterdrop ingest` of the file into a fresh database, as a subprocess, with its
   peak RSS from getrusage.
 
-Usage: ./run python bench/bench_greenbutton.py [--readings 1000000]
+Usage: ./run python bench/bench_greenbutton.py [--readings 1000000] [--redeliver]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from lxml import etree
 ESPI = "http://naesb.org/espi"
 
 
-def generate(path: Path, readings: int, per_block: int) -> None:
+def generate(path: Path, readings: int, per_block: int, updated: str = "2024-01-02", offset: int = 0) -> None:
     start = 1_577_836_800
     with path.open("w") as out:
         out.write('<?xml version="1.0"?>\n<feed xmlns="http://www.w3.org/2005/Atom">\n')
@@ -46,14 +46,14 @@ def generate(path: Path, readings: int, per_block: int) -> None:
         for block in range(0, readings, per_block):
             out.write(
                 f'<entry><link rel="self" href="/UsagePoint/1/MeterReading/1/IntervalBlock/{block}"/>'
-                '<link rel="up" href="/UsagePoint/1/MeterReading/1/IntervalBlock"/><updated>2024-01-02T00:00:00Z</updated>'
+                f'<link rel="up" href="/UsagePoint/1/MeterReading/1/IntervalBlock"/><updated>{updated}T00:00:00Z</updated>'
                 f'<content><IntervalBlock xmlns="{ESPI}"><interval><duration>{3600 * per_block}</duration>'
                 f"<start>{start + block * 3600}</start></interval>\n"
             )
             out.writelines(
                 f"<IntervalReading><cost>{i % 1000 * 10}</cost><ReadingQuality><quality>0</quality></ReadingQuality>"
                 f"<timePeriod><duration>3600</duration><start>{start + i * 3600}</start></timePeriod>"
-                f"<value>{i % 5000}</value></IntervalReading>\n"
+                f"<value>{i % 5000 + offset}</value></IntervalReading>\n"
                 for i in range(block, min(readings, block + per_block))
             )
             out.write("</IntervalBlock></content></entry>\n")
@@ -67,8 +67,10 @@ def baseline(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def ours(path: Path, workdir: Path) -> tuple[float, float, int]:
-    database = workdir / f"gb-{time.monotonic_ns()}.duckdb"
+def ours(path: Path, workdir: Path, database: Path | None = None) -> tuple[float, float, int]:
+    """Time and peak RSS of `meterdrop ingest`; into ``database`` (kept) or a fresh one (deleted)."""
+    keep = database is not None
+    database = database or workdir / f"gb-{time.monotonic_ns()}.duckdb"
     # A wrapper process per run, so the peak RSS (RUSAGE_CHILDREN) is this run's alone.
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -82,11 +84,12 @@ def ours(path: Path, workdir: Path) -> tuple[float, float, int]:
     )
     elapsed_text, peak_text, code = result.stdout.split()
     if code != "0":
-        raise SystemExit(f"ingest failed: {result.stderr}")
+        raise RuntimeError(f"ingest failed: {result.stderr.strip().splitlines()[0]}")
     elapsed, peak = float(elapsed_text), int(peak_text)
     with duckdb.connect(str(database), read_only=True) as con:
         rows = con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone()[0]  # type: ignore[index]
-    database.unlink()
+    if not keep:
+        database.unlink()
     return elapsed, peak / 1024, rows
 
 
@@ -95,6 +98,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--readings", type=int, default=1_000_000)
+    parser.add_argument("--redeliver", action="store_true",
+                        help="also deliver the daily-blocks feed twice into one database, the second time "
+                             "later and with other values, so that every reading replaces a stored one")  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, duckdb {duckdb.__version__}, "
           f"polars {pl.__version__}, lxml {'.'.join(map(str, etree.LXML_VERSION))}")  # fmt: skip
@@ -108,11 +114,33 @@ def main() -> None:
             path = workdir / f"feed-{per_block}.xml"
             generate(path, args.readings, per_block)
             parse_s = baseline(path)
-            ingest_s, rss_mb, rows = ours(path, workdir)
+            try:
+                ingest_s, rss_mb, rows = ours(path, workdir)
+            except RuntimeError as error:  # one block of 3M hours spans 342 years: refused, rightly
+                print(
+                    f"| {label} | {args.readings:,} | {path.stat().st_size / 1e6:.0f} | {parse_s:.2f} | {error} |"
+                )
+                path.unlink()
+                continue
             assert rows == args.readings, rows
             print(f"| {label} | {args.readings:,} | {path.stat().st_size / 1e6:.0f} | {parse_s:.2f} | {ingest_s:.2f} | "
                   f"{args.readings / ingest_s:,.0f} | {parse_s / ingest_s:.2f}x | {rss_mb:.0f} |")  # fmt: skip
             path.unlink()
+        if args.redeliver:
+            # The same readings again, later and with other values: every one replaces a stored one.
+            database = workdir / "redelivered.duckdb"
+            for updated, offset in (("2024-01-02", 0), ("2024-01-03", 1)):
+                path = workdir / f"feed-{updated}.xml"
+                generate(path, args.readings, 24, updated, offset)
+                parse_s = baseline(path)
+                ingest_s, rss_mb, rows = ours(path, workdir, database)
+                assert rows == args.readings, rows
+                label = (
+                    "daily blocks, re-delivered" if offset else "daily blocks, first (for the re-delivery)"
+                )
+                print(f"| {label} | {args.readings:,} | {path.stat().st_size / 1e6:.0f} | {parse_s:.2f} | "
+                      f"{ingest_s:.2f} | {args.readings / ingest_s:,.0f} | {parse_s / ingest_s:.2f}x | {rss_mb:.0f} |")  # fmt: skip
+                path.unlink()
 
 
 if __name__ == "__main__":
