@@ -483,6 +483,7 @@ class Store:
         order: str = "source_line DESC",
         version: Sequence[str] = DELIVERY_VERSION,
         slice_by: str | None = None,
+        slice_rows: int | None = None,
     ) -> None:
         """Merge a scratch table into ``table``, keeping per key the row first in ``order``.
 
@@ -507,7 +508,7 @@ class Store:
             assert row is not None
             count, low, high = row
             if low is not None:
-                slices = max(1, -(-count // MERGE_SLICE_ROWS))
+                slices = max(1, -(-count // (slice_rows or MERGE_SLICE_ROWS)))
                 cuts = [low + (high - low) * i / slices for i in range(1, slices)]
                 column = f'"{slice_by}"'
                 pieces = [

@@ -10,6 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from processor import ingest as ingest_module
 from processor.ingest import Ingester
 from processor.store import Store
 from tests.conftest import MEASUREMENTS_HEADER, PAN42_HEADER, PULSE_HEADER, at, write_delivery
@@ -151,6 +152,26 @@ def test_any_processing_order_equals_delivery_order(deliveries, order) -> None:
     Each file carries one reading of its own so no two files are byte-identical: a copy of
     content already ingested is a duplicate and changes nothing (see README).
     """
+    _check_any_order(deliveries, order)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    deliveries=st.lists(st.tuples(delivery, st.integers(0, 3)), min_size=1, max_size=5),
+    order=st.randoms(use_true_random=False),
+)
+def test_any_processing_order_equals_delivery_order_through_scratch_tables(deliveries, order) -> None:
+    """The same, every file taking the path of files over 256 MB: a scratch table, then slices
+    of two rows' time range, inserted where nothing is stored, replaced where readings are."""
+    saved = ingest_module.STAGING_BYTES, ingest_module.CSV_SLICE_ROWS
+    ingest_module.STAGING_BYTES, ingest_module.CSV_SLICE_ROWS = 0, 2
+    try:
+        _check_any_order(deliveries, order)
+    finally:
+        ingest_module.STAGING_BYTES, ingest_module.CSV_SLICE_ROWS = saved
+
+
+def _check_any_order(deliveries, order) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shuffled, expected = write_deliveries(folder, deliveries)
