@@ -32,14 +32,7 @@ from processor.greenbutton import espi
 from processor.greenbutton.espi import EspiParser, EspiResult, refuse_dtd
 from processor.greenbutton.utility_csv import detect_utility_csv, parse_utility_csv, refuse_oversized
 from processor.headers import normalise_all
-from processor.store import (
-    DELIVERY_VERSION,
-    GREENBUTTON_KEYS,
-    PROVENANCE,
-    UPDATED_VERSION,
-    Delivery,
-    Store,
-)
+from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
 from processor.timezones import system_timezone
 
 log = logging.getLogger("meterdrop.ingest")
@@ -47,8 +40,7 @@ Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
 STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
-# and merge from it in time slices of this many rows: a 1 GB re-delivery took 4.9 GiB in one MERGE, 1.05 GiB so
-CSV_SLICE_ROWS = 1_000_000
+CSV_SLICE_ROWS = 1_000_000  # and merge in slices of this (a 1 GB re-delivery: 4.9 GiB in one MERGE)
 XML_STAGING_BYTES = 16 * 1024 * 1024  # ESPI feeds above this too (about 80k readings)
 PARALLEL_STAGING_BYTES = 256 * 1024 * 1024  # and up to this size staged beside the parser (Store.appending)
 ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement

@@ -247,7 +247,6 @@ class Store:
         self._budget = (str(row[0]), int(row[1]))
         if not read_only:
             self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
-        if not read_only:
             self._create()
 
     def close(self) -> None:
@@ -488,7 +487,7 @@ class Store:
         """Merge a scratch table into ``table``, keeping per key the row first in ``order``.
 
         With ``slice_by`` (a time column of the key) the merge runs in slices of about
-        ``MERGE_SLICE_ROWS`` rows cut at equal steps of that column, so that under a small
+        ``slice_rows`` (default ``MERGE_SLICE_ROWS``) rows cut at equal steps of that column, so that under a small
         memory limit (``frugal``) no statement needs the whole file's window and join at
         once. The slices share the caller's transaction: the file still lands whole. A
         slice with nothing stored in its time range is inserted (a first delivery, the
