@@ -437,9 +437,10 @@ class Store:
         (autocommit, as ``append``). At most ``_APPEND_QUEUE`` frames wait; an append's
         error is raised by the next ``put`` or when the block ends, and the caller drops
         the scratch table as before. The thread costs about 20 MB more at the peak, which
-        the largest feeds cannot afford (bench/README.md): they append in line.
+        the largest feeds cannot afford (bench/README.md): they append in line. So does a
+        scratch table made inside an open transaction, which no other cursor can see.
         """
-        if not background:
+        if not background or self.in_transaction:
             yield lambda frame: _append(self.con, table, prepare(frame))
             return
         waiting: queue.Queue[pl.DataFrame | None] = queue.Queue(maxsize=_APPEND_QUEUE)

@@ -324,3 +324,18 @@ def test_a_feed_that_outgrows_the_budget_is_ingested_on_the_full_one(
         ).fetchone() == (24_000, 1, 3, 5002)
         assert store.con.execute("SELECT count(*), count(DISTINCT path) FROM files").fetchone() == (2, 2)
     assert "ran out of DuckDB's budget for large feeds" in caplog.text
+
+
+def test_feeds_staged_inside_a_group_append_in_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scratch table made in an open transaction (a group's) is invisible to another cursor,
+    so its appends cannot go to a thread. Staging starts at 16 MB and groups end at 8 MB, so
+    only a changed setting brings the two together: this one."""
+    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    feeds = []
+    for index in range(2):
+        feeds.append(tmp_path / f"feed{index}.xml")
+        _daily_feed(feeds[-1], 480, first=480 * index, updated="2024-01-02T00:00:00Z")
+    with Store(tmp_path / "m.duckdb") as store:
+        outcomes = Ingester(store).ingest_group(feeds)
+        assert [(o.status, o.rows) for o in outcomes] == [("ingested", 480), ("ingested", 480)]
+        assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (960,)
