@@ -42,6 +42,7 @@ if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:
 SCHEMA_VERSION = 1
 STAGING_PREFIX = "_meterdrop_staging_"
 _BATCH_ROWS = 122_880  # DuckDB's row group size
+_DELIVERY_SCAN = "_delivery_rows"  # a local variable DuckDB scans by name (``_batches``)
 MERGE_SLICE_ROWS = 100_000  # a sliced scratch-table merge takes this many rows at a time
 _APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
 FRUGAL_MEMORY = "64MB"  # DuckDB's budget while a large Green Button feed is staged and merged
@@ -382,13 +383,7 @@ class Store:
         """
         if rows.height == 0:  # nothing to merge (a download with a header and no readings)
             return
-        # Arrow batches of a row group each let DuckDB scan the delivery on every core.
-        batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
-        self.con.register("delivery_rows", batches)
-        try:
-            self._merge(table, "delivery_rows", rows.columns, key, version)
-        finally:
-            self.con.unregister("delivery_rows")
+        self._merge(table, _DELIVERY_SCAN, rows.columns, key, version, rows=_batches(rows))
 
     def _merge(
         self,
@@ -399,8 +394,13 @@ class Store:
         version: Sequence[str],
         *,
         source_params: Sequence[object] = (),
+        rows: pa.Table | None = None,
     ) -> None:
-        """MERGE ``source`` into ``table``: a newer version replaces, a new key is inserted."""
+        """MERGE ``source`` into ``table``: a newer version replaces, a new key is inserted.
+
+        ``rows`` is what ``source`` names when it is ``_DELIVERY_SCAN`` (see ``_batches``).
+        """
+        _delivery_rows = rows  # read by name: DuckDB's replacement scan
         quoted = [f'"{c}"' for c in columns]
         keys = [f'"{k}"' for k in key]
         on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
@@ -623,13 +623,20 @@ class Store:
         return [r[0] for r in rows]
 
 
+def _batches(rows: pl.DataFrame) -> pa.Table:
+    """``rows`` for DuckDB to scan: Arrow batches of a row group each, scanned on every core.
+
+    The statement names them by a local variable of the function that runs it (DuckDB's
+    replacement scan), not by ``con.register``: a registered table is a catalog entry, and
+    inside a transaction DuckDB keeps a dropped entry, and so the whole Arrow table, until
+    COMMIT. A 187 MB file merged block by block in one transaction held every block's rows.
+    """
+    return pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
+
+
 def _append(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame) -> None:
     if rows.height == 0:
         return
-    batches = pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
-    con.register("staged_rows", batches)
-    try:
-        columns = ", ".join(f'"{c}"' for c in rows.columns)
-        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged_rows")
-    finally:
-        con.unregister("staged_rows")
+    _delivery_rows = _batches(rows)  # read by name: DuckDB's replacement scan
+    columns = ", ".join(f'"{c}"' for c in rows.columns)
+    con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {_DELIVERY_SCAN}")
