@@ -41,8 +41,8 @@ STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected"
 ZIP_MAGIC = b"PK\x03\x04"
 STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
 CSV_SLICE_ROWS = 1_000_000  # and merge in slices of this (a 1 GB re-delivery: 4.9 GiB in one MERGE)
-XML_STAGING_BYTES = 16 * 1024 * 1024  # ESPI feeds above this too (about 80k readings)
-PARALLEL_STAGING_BYTES = 256 * 1024 * 1024  # and up to this size staged beside the parser (Store.appending)
+LARGE_FEED_BYTES = 16 * 1024 * 1024  # ESPI feeds above this are appended as parsed (about 80k readings)
+PARALLEL_APPEND_BYTES = 256 * 1024 * 1024  # and up to this size beside the parser (Store.appending)
 ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
 GROUP_FILE_BYTES = 8 * 1024 * 1024  # files up to this size may share a transaction with others
 GROUP_BYTES = 64 * 1024 * 1024  # and a group holds at most this much
@@ -111,8 +111,8 @@ def looks_like_xml(head: bytes) -> bool:
 
 
 def _large_feed(head: bytes, size: int) -> bool:
-    """A Green Button XML feed big enough to be staged (and merged on DuckDB's small budget)."""
-    return looks_like_xml(head) and size > XML_STAGING_BYTES
+    """A Green Button XML feed big enough to be appended as parsed, on DuckDB's small budget."""
+    return looks_like_xml(head) and size > LARGE_FEED_BYTES
 
 
 def _sniff(head: bytes) -> None:
@@ -136,15 +136,12 @@ class Limits:
 
 @dataclass
 class Staged:
-    """A large file parsed into a scratch table, waiting for its merge."""
+    """A large measurement file parsed into a scratch table, waiting for its merge."""
 
     table: str
-    format: panoramic.MeasurementFormat | None  # None: a Green Button XML feed
+    format: panoramic.MeasurementFormat
     rows: int
     ignored: list[str]
-    espi: EspiResult | None = None
-    delivered_at: datetime | None = None
-    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -333,6 +330,8 @@ class Ingester:
                 file_id = known_id or self.store.next_file_id()
                 if staged is not None:
                     loaded = self._merge_staged(staged, file_id)
+                elif _large_feed(head, size):
+                    loaded = self._load_large_feed(real, name, head, size, file_id, entry.delivered_at)
                 else:
                     loaded = self._load(real, name, head, file_id, entry.delivered_at)
                 self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
@@ -350,18 +349,15 @@ class Ingester:
         return Outcome(name, "ingested", loaded.format, loaded.rows, loaded.note, file_id)
 
     def _stage(self, real: Path, name: str, head: bytes, size: int, delivered_at: datetime) -> Staged | None:
-        """Load a large file into a scratch table, block by block (None: load it directly).
+        """Load a large measurement file into a scratch table, block by block (None: load it directly).
 
         A DuckDB transaction keeps what it writes in memory until COMMIT, so one
-        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` (a CSV) or
-        ``XML_STAGING_BYTES`` (an ESPI feed) the rows are committed to a scratch table
-        instead; the merge into the reading table and the ledger entry then commit
-        together, so the file is still ingested whole or not at all (a crash leaves only
-        the scratch table, dropped at the next start). Below them one transaction is
-        faster and small enough.
+        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` the rows
+        are committed to a scratch table instead; the merge into the reading table and
+        the ledger entry then commit together, so the file is still ingested whole or not
+        at all (a crash leaves only the scratch table, dropped at the next start). Below
+        it one transaction is faster and small enough.
         """
-        if _large_feed(head, size):
-            return self._stage_espi(real, name, head, delivered_at, background=size <= PARALLEL_STAGING_BYTES)
         if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
             return None
         header = read_header(head)
@@ -388,43 +384,47 @@ class Ingester:
             raise
         return staged
 
-    def _stage_espi(
-        self, real: Path, name: str, head: bytes, delivered_at: datetime, *, background: bool
-    ) -> Staged:
-        """A large ESPI feed: its interval rows go to a scratch table as they are parsed."""
+    def _load_large_feed(
+        self, real: Path, name: str, head: bytes, size: int, file_id: int, delivered_at: datetime
+    ) -> Loaded:
+        """A large ESPI feed: its readings go to their table as they are parsed, then are settled.
+
+        Merging in frames, as small feeds do, would hold the file's whole transaction in
+        memory; appending into the file's transaction and settling newest-wins once at the
+        end writes each row once, and ``Store.settle`` works in slices within the small
+        budget the caller set (``Store.frugal``). An error before COMMIT takes it all back;
+        inside a group's transaction (reachable only with changed size settings) the rows
+        this file appended are deleted, as the group goes on without them.
+        """
         refuse_dtd(head)
-        table = self.store.create_staging("greenbutton_intervals")
-        provenance = self._provenance(None, delivered_at, name)
+        provenance = self._provenance(file_id, delivered_at, name)
+        table = "greenbutton_intervals"
         try:
             with (
                 self.store.appending(
-                    table, lambda frame: self._greenbutton_rows(frame, provenance), background=background
+                    table, lambda frame: self._greenbutton_rows(frame, provenance),
+                    background=size <= PARALLEL_APPEND_BYTES,
                 ) as put,
                 real.open("rb") as stream,
-            ):
+            ):  # fmt: skip
 
                 def sink(frame: pl.DataFrame) -> None:
                     put(frame)
                     self.on_rows(frame.height)
 
                 result = EspiParser(sink).parse(stream)
-        except BaseException:
-            self.store.drop_staging(table)
+        except (Rejected, pl.exceptions.PolarsError, OSError):
+            if self._pending is not None:
+                self.store.con.execute(f"DELETE FROM {table} WHERE file_id = ?", [file_id])
             raise
-        return Staged(table, None, result.readings, [], result, delivered_at, name)
+        self.store.settle(
+            table, GREENBUTTON_KEYS[table], file_id, order="version_at DESC, source_line DESC",
+            version=UPDATED_VERSION, slice_by="interval_start",
+        )  # fmt: skip
+        return self._espi_objects(result, provenance)
 
     def _merge_staged(self, staged: Staged, file_id: int) -> Loaded:
-        if staged.espi is not None:
-            self.store.merge_staging(
-                "greenbutton_intervals", staged.table, GREENBUTTON_KEYS["greenbutton_intervals"], file_id,
-                order="version_at DESC, source_line DESC", version=UPDATED_VERSION, slice_by="interval_start",
-            )  # fmt: skip
-            assert staged.delivered_at is not None
-            return self._espi_objects(
-                staged.espi, self._provenance(file_id, staged.delivered_at, staged.name)
-            )
         fmt = staged.format
-        assert fmt is not None
         self.store.merge_staging(fmt.table, staged.table, fmt.key, file_id, slice_by="measurement_time",
                                  slice_rows=CSV_SLICE_ROWS)  # fmt: skip
         note = f"ignored columns not in {fmt.label}: {', '.join(staged.ignored)}" if staged.ignored else None

@@ -261,7 +261,7 @@ def staged_xml(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every feed takes the large-file path: interval rows go through a scratch table."""
     from processor import ingest as ingest_module
 
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
 
 
 def test_a_staged_feed_gives_the_same_rows(store: Store, ingest, staged_xml: None) -> None:
@@ -298,7 +298,7 @@ def test_staged_and_direct_agree_on_every_sample(tmp_path: Path, monkeypatch: py
 
     tables = {}
     for staged in (False, True):
-        monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0 if staged else 1 << 40)
+        monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0 if staged else 1 << 40)
         with Store(tmp_path / f"{staged}.duckdb") as s:
             ingester = Ingester(s)
             for sample in sorted(SAMPLES.glob("*.xml")):

@@ -1,4 +1,4 @@
-"""Large Green Button feeds: merged from their scratch table in slices, on a small DuckDB budget."""
+"""Large Green Button feeds: appended to their table as parsed, then settled in slices, on a small DuckDB budget."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _intervals(store: Store) -> list[tuple[object, ...]]:
 
 def test_a_sliced_merge_stores_what_one_merge_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every sample, PG&E's repeated blocks included, through slices of 97 rows and through one."""
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     tables = {}
     for slice_rows in (97, 1 << 40):
         monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", slice_rows)
@@ -42,37 +42,31 @@ def test_a_sliced_merge_stores_what_one_merge_stores(tmp_path: Path, monkeypatch
     assert tables[97] == tables[1 << 40] and len(tables[97]) > 5000
 
 
-def test_a_re_delivery_is_replaced_one_slice_at_a_time(
+def test_a_re_delivery_is_settled_one_slice_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", 500)
-    replaced: list[int] = []
-    original = Store._replace
-
-    def counting(self: Store, *args: object, **kwargs: object) -> None:
-        replaced.append(1)
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Store, "_replace", counting)
+    met: list[object] = []
+    monkeypatch.setattr(Store, "_others_within", _spy(Store._others_within, met, "stored?"))
     first, again = tmp_path / "first.xml", tmp_path / "again.xml"
     _daily_feed(first, 2400, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 2400, updated="2024-01-03T00:00:00Z", offset=7)
     with Store(tmp_path / "m.duckdb") as store:
         assert Ingester(store).ingest(first).status == "ingested"
-        assert replaced == []  # nothing stored yet: the readings were inserted
+        # 2400 rows in slices of 500: five slices, none meeting stored readings
+        assert met == [("stored?", False)] * 5
         assert Ingester(store).ingest(again).status == "ingested"
+        assert met[5:] == [("stored?", True)] * 5
         assert store.con.execute(
             "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
         ).fetchone() == (2400, 1, 7, 2406)
-    # 2400 staged rows in slices of 500: five slices, each a DELETE and an INSERT
-    assert len(replaced) == 5
 
 
 def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     during: list[tuple[str, str]] = []
     original_append, original_merge = store_module._append, Store._merge
 
@@ -108,7 +102,7 @@ def test_the_full_budget_is_really_back_after_a_staged_feed(
 ) -> None:
     """DuckDB 1.5's `RESET memory_limit` said the default was back while the buffer pool kept
     the small limit: a list of 20M numbers (160 MB, which cannot spill) then failed."""
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     big = "SELECT length(list(range)) FROM range(20000000)"
     with Store(tmp_path / "m.duckdb") as store:
         assert store.con.execute(big).fetchone() == (20_000_000,)
@@ -202,38 +196,41 @@ def _deliveries(folder: Path) -> list[Path]:
 
 @pytest.fixture(params=["beside the parser", "in line"])
 def appends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Staged feeds up to PARALLEL_STAGING_BYTES are appended on a thread, larger ones in line."""
+    """Staged feeds up to PARALLEL_APPEND_BYTES are appended on a thread, larger ones in line."""
     monkeypatch.setattr(
-        ingest_module, "PARALLEL_STAGING_BYTES", 1 << 40 if request.param == "beside the parser" else 0
+        ingest_module, "PARALLEL_APPEND_BYTES", 1 << 40 if request.param == "beside the parser" else 0
     )
     return str(request.param)
 
 
-def test_the_staged_paths_store_what_an_in_memory_merge_stores(
+def test_a_large_feed_is_stored_as_an_in_memory_merge_stores_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appends: str
 ) -> None:
-    """A staged feed's slices go in one of three ways: an INSERT (nothing stored in the slice's
-    range), with or without the window that keeps a key's newest row (keys repeated in the
-    file or not), or a DELETE and INSERT (stored readings in range). Each must give what one
-    MERGE of the parsed rows gives."""
+    """A large feed's rows are appended to the table, then settled slice by slice: a file's
+    repeated keys keep their newest row, and where stored readings share a slice the older of
+    each pair goes. That must give what one MERGE of the parsed rows gives, and in a group's
+    transaction (reachable only with changed size settings) too."""
     deliveries = _deliveries(tmp_path)
     monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", 700)
     ways: list[object] = []
-    monkeypatch.setattr(Store, "_replace", _spy(Store._replace, ways, "replace"))
-    monkeypatch.setattr(Store, "_none_between", _spy(Store._none_between, ways, "insert?"))
+    monkeypatch.setattr(Store, "_others_within", _spy(Store._others_within, ways, "stored?"))
     monkeypatch.setattr(Store, "_distinct", _spy(Store._distinct, ways, "distinct"))
     tables = {}
-    for staged in (False, True):
-        monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0 if staged else 1 << 40)
-        with Store(tmp_path / f"{staged}.duckdb") as store:
+    for way in ("merged", "settled", "settled in a group"):
+        monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 1 << 40 if way == "merged" else 0)
+        with Store(tmp_path / f"{way}.duckdb") as store:
             ingester = Ingester(store)
             for delivery in deliveries:
-                assert ingester.ingest(delivery).status == "ingested"
-            tables[staged] = _intervals(store)
-    assert tables[True] == tables[False] and len(tables[True]) > 3600 + 2000
-    # The staged run went every way: slices inserted and replaced; files with and without
-    # repeated keys (2,400 distinct in base.xml's 2,400 rows, 2,280 in PG&E's 2,556).
-    assert {("insert?", True), ("insert?", False), ("replace", None)} <= set(ways)
+                if way == "settled in a group":
+                    assert [o.status for o in ingester.ingest_group([delivery])] == ["ingested"]
+                else:
+                    assert ingester.ingest(delivery).status == "ingested"
+            tables[way] = _intervals(store)
+    assert tables["settled"] == tables["merged"] == tables["settled in a group"]
+    assert len(tables["merged"]) > 3600 + 2000
+    # Both kinds of slice, and files with and without repeated keys (2,400 distinct in
+    # base.xml's 2,400 rows, 2,280 in PG&E's 2,556).
+    assert {("stored?", True), ("stored?", False)} <= set(ways)
     assert {("distinct", 2400), ("distinct", 2280)} <= set(ways)
 
 
@@ -259,7 +256,7 @@ def test_a_failed_append_leaves_nothing(
     reaches the ingest, no thread is left, the scratch table goes, and nothing is stored."""
     feed = tmp_path / "feed.xml"
     _daily_feed(feed, 2400)
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     monkeypatch.setattr(espi_module, "BATCH_READINGS", 300)
     original, calls, threads = store_module._append, [], set()
 
@@ -317,7 +314,7 @@ def test_a_feed_that_outgrows_the_budget_is_ingested_on_the_full_one(
     first, again = tmp_path / "first.xml", tmp_path / "again.xml"
     _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     attempts: list[object] = []
     monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
     with Store(tmp_path / "m.duckdb") as store:
@@ -340,16 +337,38 @@ def test_a_feed_that_outgrows_the_budget_is_ingested_on_the_full_one(
     assert "ran out of DuckDB's budget for large feeds" in caplog.text
 
 
-def test_feeds_staged_inside_a_group_append_in_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A scratch table made in an open transaction (a group's) is invisible to another cursor,
-    so its appends cannot go to a thread. Staging starts at 16 MB and groups end at 8 MB, so
-    only a changed setting brings the two together: this one."""
-    monkeypatch.setattr(ingest_module, "XML_STAGING_BYTES", 0)
-    feeds = []
-    for index in range(2):
-        feeds.append(tmp_path / f"feed{index}.xml")
-        _daily_feed(feeds[-1], 480, first=480 * index, updated="2024-01-02T00:00:00Z")
+def test_a_large_feed_rejected_inside_a_group_leaves_none_of_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's files share one transaction, so a large feed's appended rows cannot be rolled
+    back alone: when the feed turns out bad, they are deleted, and the group goes on. Large
+    feeds start at 16 MB and groups end at 8 MB, so only a changed setting brings the two
+    together: this one."""
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
+    monkeypatch.setattr(espi_module, "BATCH_READINGS", 300)
+    good, cut, later = tmp_path / "good.xml", tmp_path / "cut.xml", tmp_path / "later.xml"
+    _daily_feed(good, 480, updated="2024-01-02T00:00:00Z")
+    _daily_feed(cut, 2400, first=480, updated="2024-01-02T00:00:00Z")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 3 // 4])  # well-formed for 1,700 readings
+    _daily_feed(later, 480, first=2880, updated="2024-01-02T00:00:00Z")
+    appended: list[int] = []
+    original = store_module._append
+
+    def counting(con: object, table: str, rows: object) -> None:
+        appended.append(rows.height)  # type: ignore[attr-defined]
+        original(con, table, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "_append", counting)
     with Store(tmp_path / "m.duckdb") as store:
-        outcomes = Ingester(store).ingest_group(feeds)
-        assert [(o.status, o.rows) for o in outcomes] == [("ingested", 480), ("ingested", 480)]
-        assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (960,)
+        outcomes = Ingester(store).ingest_group([good, cut, later])
+        assert [(o.status, o.rows) for o in outcomes] == [
+            ("ingested", 480),
+            ("rejected", 0),
+            ("ingested", 480),
+        ]
+        assert "not well-formed" in (outcomes[1].detail or "")
+        assert sum(appended) > 480 + 480 + 1000  # the cut feed's first readings did reach the table
+        cut_hours = "interval_start BETWEEN to_timestamp(1577836800 + 480 * 3600) AND to_timestamp(1577836800 + 2879 * 3600)"
+        assert store.con.execute(
+            f"SELECT count(*), count(*) FILTER ({cut_hours}), count(DISTINCT file_id) FROM greenbutton_intervals"
+        ).fetchone() == (960, 0, 2)
