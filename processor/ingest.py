@@ -304,13 +304,13 @@ class Ingester:
             report(rows)
 
         self.on_rows = counting
-        try:  # a large feed is staged, merged, committed and its scratch table dropped on a small budget
+        try:  # a large feed is appended, settled, committed and checkpointed on a small budget
             with self.store.frugal():
                 return self._store(real, name, head, size, entry, known_id)
         except duckdb.OutOfMemoryException as error:
-            # Replacing stored readings keeps a mark per replaced row until COMMIT, so a
-            # re-delivery of many millions of them outgrows any fixed budget (10M did 64 MB).
-            # Rolled back; done again on DuckDB's own budget: more memory, nothing lost.
+            # A settle that may replace many stored rows already lifts the budget (their
+            # delete marks stay until COMMIT); should anything else outgrow it, the file is
+            # rolled back and done again on DuckDB's own budget: more memory, nothing lost.
             log.warning("%s ran out of DuckDB's budget for large feeds (%s); ingesting it again without it",
                         name, str(error).splitlines()[0])  # fmt: skip
         finally:
@@ -333,7 +333,7 @@ class Ingester:
                 elif _large_feed(head, size):
                     loaded = self._load_large_feed(real, name, head, size, file_id, entry.delivered_at)
                 else:
-                    loaded = self._load(real, name, head, file_id, entry.delivered_at)
+                    loaded = self._load(real, name, head, size, file_id, entry.delivered_at)
                 self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
                                   rows=loaded.rows, error=None, note=loaded.note,
                                   timezone=loaded.timezone)  # fmt: skip
@@ -458,7 +458,9 @@ class Ingester:
             pl.lit(name).alias("source_path"),
         ]
 
-    def _load(self, real: Path, name: str, head: bytes, file_id: int, delivered_at: datetime) -> Loaded:
+    def _load(
+        self, real: Path, name: str, head: bytes, size: int, file_id: int, delivered_at: datetime
+    ) -> Loaded:
         _sniff(head)
         provenance = self._provenance(file_id, delivered_at, name)
         if looks_like_xml(head):
@@ -484,11 +486,21 @@ class Ingester:
                 total += block.frame.height
             return Loaded(catalog.FORMAT, total)
         ignored = panoramic.check_header(fmt, fields)
+        import os
+
+        appended = self._pending is None and size > int(os.environ.get("XP_APPEND", 1 << 40))
         for block in read_blocks(real, header):
             rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
             rows = rows.with_columns(*provenance).select(*fmt.column_names(), *PROVENANCE)
-            self._write(fmt.table, rows, fmt.key)
+            if appended:
+                self.store.append(fmt.table, rows)
+                self.on_rows(rows.height)
+            else:
+                self._write(fmt.table, rows, fmt.key)
             total += block.frame.height
+        if appended:
+            self.store.settle(fmt.table, fmt.key, file_id, order="source_line DESC", version=DELIVERY_VERSION,
+                              slice_by="measurement_time", slice_rows=CSV_SLICE_ROWS)  # fmt: skip
         note = f"ignored columns not in {fmt.label}: {', '.join(ignored)}" if ignored else None
         return Loaded(fmt.name, total, note)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import queue
 import sys
 import threading
@@ -40,12 +41,16 @@ if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:
     sys.modules["pandas"] = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
+log = logging.getLogger("meterdrop.store")
 STAGING_PREFIX = "_meterdrop_staging_"
 _BATCH_ROWS = 122_880  # DuckDB's row group size
 _DELIVERY_SCAN = "_delivery_rows"  # a local variable DuckDB scans by name (``_batches``)
 MERGE_SLICE_ROWS = 100_000  # a sliced scratch-table merge takes this many rows at a time
 _APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
-FRUGAL_MEMORY = "64MB"  # DuckDB's budget while a large Green Button feed is staged and merged
+FRUGAL_MEMORY = "48MB"  # DuckDB's budget while a large Green Button feed is appended and settled
+FRUGAL_REPLACEABLE = (
+    2_000_000  # stored rows a settle may replace within that budget (``Store._unless_frugal_fits``)
+)
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
 _PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
@@ -245,7 +250,8 @@ class Store:
         # DuckDB's budget outside frugal(), as DuckDB spells it ("18.8 GiB"), set once as
         # spelled so that setting the same words back gives the same limit again (the
         # spelling rounds: re-reading and setting it would lower it a little each time).
-        self._budget = (str(row[0]), int(row[1]))
+        self._budget = (str(row[0]), str(row[1]))
+        self._frugal = False  # inside frugal()
         if not read_only:
             self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
             self._create()
@@ -493,7 +499,6 @@ class Store:
         """
         mine = f"file_id = {int(file_id)}"
         others = f"file_id IS DISTINCT FROM {int(file_id)}"
-        keys = ", ".join(f'"{k}"' for k in key)
         row = self.con.execute(
             f'SELECT count(*), min("{slice_by}"), max("{slice_by}") FROM {table} WHERE {mine}'
         ).fetchone()
@@ -501,13 +506,35 @@ class Store:
         count, low, high = row
         if not count:
             return
-        repeats = self._distinct(f"{table} WHERE {mine}", keys) != count
+        stored = self.con.execute(
+            f'SELECT count(*) FROM {table} WHERE "{slice_by}" BETWEEN ? AND ? AND {others}', [low, high]
+        ).fetchone()
+        with self._unless_frugal_fits(stored[0] if stored else 0):
+            self._settle_slices(
+                table, key, mine, others, order, version, slice_by, count, low, high, slice_rows
+            )
+
+    def _settle_slices(
+        self,
+        table: str,
+        key: Sequence[str],
+        mine: str,
+        others: str,
+        order: str,
+        version: Sequence[str],
+        slice_by: str,
+        count: int,
+        low: Any,
+        high: Any,
+        slice_rows: int | None,
+    ) -> None:
+        keys = ", ".join(f'"{k}"' for k in key)
         same = " AND ".join(f't."{k}" = o."{k}"' for k in key)
         versions = ", ".join(f'"{v}"' for v in version)
         t_version = ", ".join(f't."{v}"' for v in version)
         o_version = ", ".join(f'o."{v}"' for v in version)
         for within, params in _slices(slice_by, count, low, high, slice_rows or MERGE_SLICE_ROWS):
-            if repeats:  # the file's own repeats: its newest row per key stays
+            if self._repeats_within(table, mine, keys, within(""), params):  # its newest row per key stays
                 self.con.execute(
                     f"DELETE FROM {table} AS t USING (SELECT rowid AS r FROM {table} WHERE {mine} "
                     f"AND {within('')} QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) > 1) "
@@ -611,6 +638,17 @@ class Store:
             params,
         )
 
+    def _repeats_within(
+        self, table: str, mine: str, keys: str, within: str, params: Sequence[object]
+    ) -> bool:
+        """A key the file holds twice in a slice (a slice at a time: over a whole 10M-reading
+        file, the DISTINCT ran out of the small budget inside the file's transaction)."""
+        found = self.con.execute(
+            f"SELECT 1 FROM {table} WHERE {mine} AND {within} GROUP BY {keys} HAVING count(*) > 1 LIMIT 1",
+            params,
+        )
+        return found.fetchone() is not None
+
     def _others_within(self, table: str, others: str, within: str, params: Sequence[object]) -> bool:
         """Rows of other files in a slice (row groups outside it are skipped)."""
         found = self.con.execute(f"SELECT 1 FROM {table} WHERE {within} AND {others} LIMIT 1", params)
@@ -632,24 +670,49 @@ class Store:
     def frugal(self) -> Iterator[None]:
         """DuckDB on a small memory budget and one thread, for as long as the block runs.
 
-        A Green Button feed's readings are staged and merged under it: DuckDB's default
-        budget (80% of RAM) let a 1M-reading feed take 520 MB; with 64 MB, one thread and
-        a sliced merge, a first delivery of any size stays under 300 MB at a small cost in
-        speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
-        what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller retries
-        without this budget).
+        A large Green Button feed is appended and settled under it: DuckDB's default
+        budget (80% of RAM) let a 1M-reading feed take 520 MB; with 48 MB, one thread and
+        settling in slices, a first delivery of any size stays under 300 MB at a small cost
+        in speed (bench/README.md). What does not fit spills to DuckDB's temporary
+        directory; what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller
+        retries without this budget). ``_unless_frugal_fits`` lifts it for a settle that
+        may replace more stored rows than fit.
         """
-        self.con.execute(f"SET memory_limit = '{FRUGAL_MEMORY}'")
-        self.con.execute("SET threads = 1")
+        self._budgeted(FRUGAL_MEMORY, "1")
+        self._frugal = True
         try:
             yield
             if self._depth == 0:  # the checkpoint of what was committed, on the same budget
                 self.con.execute("CHECKPOINT")
         finally:
-            # Set back, not RESET: in DuckDB 1.5 `RESET memory_limit` reports the default
-            # again but leaves the buffer pool at the small limit, for every later ingest.
-            self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
-            self.con.execute(f"SET threads = {self._budget[1]}")
+            self._frugal = False
+            self._budgeted(*self._budget)
+
+    def _budgeted(self, memory: str, threads: str) -> None:
+        # Set back, not RESET: in DuckDB 1.5 `RESET memory_limit` reports the default
+        # again but leaves the buffer pool at the small limit, for every later ingest.
+        self.con.execute(f"SET memory_limit = '{memory}'")
+        self.con.execute(f"SET threads = {threads}")
+
+    @contextlib.contextmanager
+    def _unless_frugal_fits(self, replaceable: int) -> Iterator[None]:
+        """The full budget for a block that may replace ``replaceable`` stored rows, if too many.
+
+        DuckDB keeps a mark per deleted row (8 bytes) until COMMIT: re-delivering 10M stored
+        readings ran out of ``frugal``'s budget in the middle of a DELETE. Rolled back and
+        done again, that once ended in "Conflict on tuple deletion" (DuckDB 1.5.6), and it
+        parsed the file twice. So a settle that may replace more than ``FRUGAL_REPLACEABLE``
+        rows runs on the full budget, more memory for that file and nothing lost.
+        """
+        if not self._frugal or replaceable <= FRUGAL_REPLACEABLE:
+            yield
+            return
+        log.info("replacing up to %s stored rows: on DuckDB's full memory budget", f"{replaceable:,}")
+        self._budgeted(*self._budget)
+        try:
+            yield
+        finally:
+            self._budgeted(FRUGAL_MEMORY, "1")
 
     def drop_staging(self, name: str) -> None:
         if name.startswith(STAGING_PREFIX):

@@ -214,7 +214,7 @@ def test_a_large_feed_is_stored_as_an_in_memory_merge_stores_it(
     monkeypatch.setattr(store_module, "MERGE_SLICE_ROWS", 700)
     ways: list[object] = []
     monkeypatch.setattr(Store, "_others_within", _spy(Store._others_within, ways, "stored?"))
-    monkeypatch.setattr(Store, "_distinct", _spy(Store._distinct, ways, "distinct"))
+    monkeypatch.setattr(Store, "_repeats_within", _spy(Store._repeats_within, ways, "repeats?"))
     tables = {}
     for way in ("merged", "settled", "settled in a group"):
         monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 1 << 40 if way == "merged" else 0)
@@ -228,10 +228,9 @@ def test_a_large_feed_is_stored_as_an_in_memory_merge_stores_it(
             tables[way] = _intervals(store)
     assert tables["settled"] == tables["merged"] == tables["settled in a group"]
     assert len(tables["merged"]) > 3600 + 2000
-    # Both kinds of slice, and files with and without repeated keys (2,400 distinct in
-    # base.xml's 2,400 rows, 2,280 in PG&E's 2,556).
-    assert {("stored?", True), ("stored?", False)} <= set(ways)
-    assert {("distinct", 2400), ("distinct", 2280)} <= set(ways)
+    # Slices with and without stored readings, with and without repeated keys (PG&E's
+    # sample holds 2,280 distinct of 2,556).
+    assert {("stored?", True), ("stored?", False), ("repeats?", True), ("repeats?", False)} <= set(ways)
 
 
 def _spy(method: object, log: list[object], name: str) -> object:
@@ -372,3 +371,43 @@ def test_a_large_feed_rejected_inside_a_group_leaves_none_of_its_rows(
         assert store.con.execute(
             f"SELECT count(*), count(*) FILTER ({cut_hours}), count(DISTINCT file_id) FROM greenbutton_intervals"
         ).fetchone() == (960, 0, 2)
+
+
+def test_a_settle_that_may_replace_many_stored_rows_runs_on_the_full_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DuckDB keeps a mark per deleted row until COMMIT: re-delivering 10M stored readings ran
+    out of the small budget mid-DELETE (and once failed its retry). Past FRUGAL_REPLACEABLE
+    stored rows in the feed's range, the settle runs on the full budget instead, first time."""
+    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
+    _daily_feed(first, 2400, updated="2024-01-02T00:00:00Z")
+    _daily_feed(again, 2400, updated="2024-01-03T00:00:00Z", offset=3)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
+    monkeypatch.setattr(store_module, "FRUGAL_REPLACEABLE", 1000)
+    budgets: list[object] = []
+    settle_slices = Store._settle_slices
+
+    def noting(store: Store, *args: object) -> None:
+        budgets.append(_settings(store))
+        settle_slices(store, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Store, "_settle_slices", noting)
+    attempts: list[object] = []
+    monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
+    with Store(tmp_path / "m.duckdb") as store, caplog.at_level("INFO", logger="meterdrop.store"):
+        full = _settings(store)
+        for feed in (first, again):
+            assert Ingester(store).ingest(feed).status == "ingested"
+        assert _settings(store) == full
+        assert store.con.execute(
+            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
+        ).fetchone() == (2400, 1, 3, 2402)
+    # nothing stored at first: the small budget; 2,400 stored readings in range: the full one
+    small = store_module.duckdb.connect()
+    small.execute(f"SET memory_limit = '{FRUGAL_MEMORY}'")
+    assert budgets == [
+        (str(small.execute("SELECT current_setting('memory_limit')").fetchone()[0]), "1"),
+        full,
+    ]  # type: ignore[index]
+    assert [name for name, _ in attempts] == ["store", "store"]  # no second attempt
+    assert "replacing up to 2,400 stored rows: on DuckDB's full memory budget" in caplog.text
