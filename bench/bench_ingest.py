@@ -287,28 +287,6 @@ def count_rows(db: Path, table: str) -> int:
     return int(row[0]) if row else -1
 
 
-class _ProfilingConnection:
-    """Forwards to a DuckDB connection, keeping the profile of each MERGE statement it runs."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection, sink: list[dict[str, Any]]) -> None:
-        self._con = con
-        self._sink = sink
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._con, name)
-
-    def execute(self, sql: str, *args: Any) -> Any:
-        if not sql.lstrip().upper().startswith("MERGE"):
-            return self._con.execute(sql, *args)
-        self._con.execute("SET enable_profiling = 'no_output'")
-        try:
-            result = self._con.execute(sql, *args)
-            self._sink.append(json.loads(self._con.get_profiling_information(format="json")))
-            return result
-        finally:
-            self._con.execute("RESET enable_profiling")
-
-
 class ProfilingStore(Store):
     """The real Store; when ``profiling`` is set, the profile of each MERGE is kept (untimed runs only)."""
 
@@ -319,15 +297,16 @@ class ProfilingStore(Store):
         self.profiles: list[dict[str, Any]] = []
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
+        """One MERGE statement: its profile is kept."""
         if not self.profiling:
             super().merge(*args, **kwargs)
             return
-        real = self.con
-        self.con = _ProfilingConnection(real, self.profiles)  # type: ignore[assignment]
+        self.con.execute("SET enable_profiling = 'no_output'")
         try:
             super().merge(*args, **kwargs)
+            self.profiles.append(json.loads(self.con.get_profiling_information(format="json")))
         finally:
-            self.con = real
+            self.con.execute("RESET enable_profiling")
 
 
 def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
