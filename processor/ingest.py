@@ -39,8 +39,8 @@ log = logging.getLogger("meterdrop.ingest")
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
-STAGING_BYTES = 256 * 1024 * 1024  # measurement files above this go through a scratch table
-CSV_SLICE_ROWS = 1_000_000  # and merge in slices of this (a 1 GB re-delivery: 4.9 GiB in one MERGE)
+APPEND_BYTES = 256 * 1024 * 1024  # measurement files above this are appended as read, then settled
+CSV_SLICE_ROWS = 1_000_000  # in slices of this many rows (a 1 GB re-delivery: 4.9 GiB in one MERGE)
 LARGE_FEED_BYTES = 16 * 1024 * 1024  # ESPI feeds above this are appended as parsed (about 80k readings)
 PARALLEL_APPEND_BYTES = 256 * 1024 * 1024  # and up to this size beside the parser (Store.appending)
 ESPI_MERGE_ROWS = 200_000  # Green Button interval rows merged per statement
@@ -132,16 +132,6 @@ class Limits:
     max_archive_ratio: int = 200  # uncompressed / compressed, per member over 1 MiB
     max_archive_members: int = 10_000
     max_archive_depth: int = 3
-
-
-@dataclass
-class Staged:
-    """A large measurement file parsed into a scratch table, waiting for its merge."""
-
-    table: str
-    format: panoramic.MeasurementFormat
-    rows: int
-    ignored: list[str]
 
 
 @dataclass(frozen=True)
@@ -322,15 +312,11 @@ class Ingester:
         self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None
     ) -> Outcome:
         """Parse a new file and store its rows with its ledger entry, or reject it."""
-        staged: Staged | None = None
         held = len(self._pending) if self._pending is not None else 0
         try:
-            staged = self._stage(real, name, head, size, entry.delivered_at)
             with self.store.transaction():
                 file_id = known_id or self.store.next_file_id()
-                if staged is not None:
-                    loaded = self._merge_staged(staged, file_id)
-                elif _large_feed(head, size):
+                if _large_feed(head, size):
                     loaded = self._load_large_feed(real, name, head, size, file_id, entry.delivered_at)
                 else:
                     loaded = self._load(real, name, head, size, file_id, entry.delivered_at)
@@ -343,46 +329,7 @@ class Ingester:
             if self._pending is not None:  # in a group: this file's rows must not reach the merge
                 del self._pending[held:]
             return self._reject(entry, known_id, error)
-        finally:
-            if staged is not None:
-                self.store.drop_staging(staged.table)
         return Outcome(name, "ingested", loaded.format, loaded.rows, loaded.note, file_id)
-
-    def _stage(self, real: Path, name: str, head: bytes, size: int, delivered_at: datetime) -> Staged | None:
-        """Load a large measurement file into a scratch table, block by block (None: load it directly).
-
-        A DuckDB transaction keeps what it writes in memory until COMMIT, so one
-        transaction over a 1 GB file needed over 4 GB. Above ``STAGING_BYTES`` the rows
-        are committed to a scratch table instead; the merge into the reading table and
-        the ledger entry then commit together, so the file is still ingested whole or not
-        at all (a crash leaves only the scratch table, dropped at the next start). Below
-        it one transaction is faster and small enough.
-        """
-        if size <= STAGING_BYTES or looks_like_xml(head) or b"\x00" in head:
-            return None
-        header = read_header(head)
-        fields = normalise_all(header.names)
-        fmt = panoramic.detect(fields)
-        if fmt is None or fmt == "catalog":
-            return None
-        ignored = panoramic.check_header(fmt, fields)
-        table = self.store.create_staging(fmt.table)
-        staged = Staged(table, fmt, 0, ignored)
-        try:
-            for block in read_blocks(real, header):
-                rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
-                rows = rows.with_columns(
-                    pl.lit(None, pl.Int64).alias("file_id"),
-                    pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
-                    pl.lit(name).alias("source_path"),
-                ).select(*fmt.column_names(), *PROVENANCE)
-                self.store.append(table, rows)
-                staged.rows += block.frame.height
-                self.on_rows(block.frame.height)
-        except BaseException:
-            self.store.drop_staging(table)
-            raise
-        return staged
 
     def _load_large_feed(
         self, real: Path, name: str, head: bytes, size: int, file_id: int, delivered_at: datetime
@@ -422,13 +369,6 @@ class Ingester:
             version=UPDATED_VERSION, slice_by="interval_start",
         )  # fmt: skip
         return self._espi_objects(result, provenance)
-
-    def _merge_staged(self, staged: Staged, file_id: int) -> Loaded:
-        fmt = staged.format
-        self.store.merge_staging(fmt.table, staged.table, fmt.key, file_id, slice_by="measurement_time",
-                                 slice_rows=CSV_SLICE_ROWS)  # fmt: skip
-        note = f"ignored columns not in {fmt.label}: {', '.join(staged.ignored)}" if staged.ignored else None
-        return Loaded(fmt.name, staged.rows, note)
 
     def _reject(
         self, entry: Delivery, known_id: int | None, error: Exception, members: tuple[Outcome, ...] = ()
@@ -486,9 +426,11 @@ class Ingester:
                 total += block.frame.height
             return Loaded(catalog.FORMAT, total)
         ignored = panoramic.check_header(fmt, fields)
-        import os
-
-        appended = self._pending is None and size > int(os.environ.get("XP_APPEND", 1 << 40))
+        # Merged block by block, one transaction holds every block's MERGE work until COMMIT
+        # (4.4 GiB for a 1 GB file). A large file's rows are appended as read instead (the
+        # database writes them out as it goes) and settled newest-wins in time slices. In a
+        # group (only with changed size settings) the group's merge takes them as any file's.
+        appended = self._pending is None and size > APPEND_BYTES
         for block in read_blocks(real, header):
             rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
             rows = rows.with_columns(*provenance).select(*fmt.column_names(), *PROVENANCE)

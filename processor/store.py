@@ -42,10 +42,10 @@ if "pandas" not in sys.modules and importlib.util.find_spec("pandas") is None:
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("meterdrop.store")
-STAGING_PREFIX = "_meterdrop_staging_"
+STAGING_PREFIX = "_meterdrop_staging_"  # scratch tables of earlier versions (see _drop_leftover_staging)
 _BATCH_ROWS = 122_880  # DuckDB's row group size
 _DELIVERY_SCAN = "_delivery_rows"  # a local variable DuckDB scans by name (``_batches``)
-MERGE_SLICE_ROWS = 100_000  # a sliced scratch-table merge takes this many rows at a time
+MERGE_SLICE_ROWS = 100_000  # a large feed is settled this many rows at a time (``Store.settle``)
 _APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
 FRUGAL_MEMORY = "48MB"  # DuckDB's budget while a large Green Button feed is appended and settled
 FRUGAL_REPLACEABLE = (
@@ -421,14 +421,8 @@ class Store:
             params,
         )
 
-    # -- scratch tables for large files ---------------------------------------------------
-    def create_staging(self, like: str) -> str:
-        name = f"{STAGING_PREFIX}{like}_{time.time_ns()}"
-        self.con.execute(f"CREATE TABLE {name} AS SELECT * FROM {like} LIMIT 0")
-        return name
-
     def append(self, table: str, rows: pl.DataFrame) -> None:
-        """Add rows to a scratch table, committed at once (autocommit)."""
+        """Add rows as they are, for ``settle`` to sort out before COMMIT."""
         _append(self.con, table, rows)
 
     @contextlib.contextmanager
@@ -491,8 +485,7 @@ class Store:
         A large feed is appended to its table as it is parsed, inside the file's
         transaction, and settled here before COMMIT: its rows are written once, where a
         scratch table wrote them twice (a fifth of a large Green Button feed's time). Per
-        slice of ``slice_by`` (as in ``merge_staging``, to stay within ``frugal``'s
-        budget), the file's repeated keys keep only their row first in ``order``; where
+        slice of ``slice_by`` (to stay within ``frugal``'s budget), the file's repeated keys keep only their row first in ``order``; where
         other files' rows share the slice, of two rows with one key the older goes, the
         stored one only when the file's is newer (as MERGE, which replaces only with a
         newer version). A delete keeps a mark per row until COMMIT, not the row.
@@ -556,88 +549,6 @@ class Store:
                 params * 2,
             )
 
-    def merge_staging(
-        self,
-        table: str,
-        staging: str,
-        key: Sequence[str],
-        file_id: int,
-        *,
-        order: str = "source_line DESC",
-        version: Sequence[str] = DELIVERY_VERSION,
-        slice_by: str | None = None,
-        slice_rows: int | None = None,
-    ) -> None:
-        """Merge a scratch table into ``table``, keeping per key the row first in ``order``.
-
-        With ``slice_by`` (a time column of the key) the merge runs in slices of about
-        ``slice_rows`` (default ``MERGE_SLICE_ROWS``) rows cut at equal steps of that column, so that under a small
-        memory limit (``frugal``) no statement needs the whole file's window and join at
-        once. The slices share the caller's transaction: the file still lands whole. A
-        slice with nothing stored in its time range is inserted (a first delivery, the
-        usual case, in half the time of a MERGE); one that meets stored readings
-        replaces the ones it outdates (``_replace``).
-        """
-        keys = ", ".join(f'"{k}"' for k in key)
-        columns = self.table_columns(staging)
-        quoted = ", ".join(f'"{c}"' for c in columns)
-        provenance = f"SELECT * REPLACE ({int(file_id)}::BIGINT AS file_id) FROM {staging}"
-        pieces: list[tuple[str, list[object]]] = [("TRUE", [])]
-        repeats = True  # whether a key may occur more than once in the file
-        if slice_by is not None:
-            row = self.con.execute(
-                f'SELECT count(*), min("{slice_by}"), max("{slice_by}") FROM {staging}'
-            ).fetchone()
-            assert row is not None
-            count, low, high = row
-            if low is not None:
-                pieces = [
-                    (within(""), params)
-                    for within, params in _slices(slice_by, count, low, high, slice_rows or MERGE_SLICE_ROWS)
-                ]
-            # Most feeds repeat no key; then no slice needs the window that keeps the newest.
-            repeats = self._distinct(staging, keys) != count
-        for within, params in pieces:
-            newest = (
-                f" QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1" if repeats else ""
-            )
-            source = f"({provenance} WHERE {within}{newest})"
-            if slice_by is None or not params:
-                self._merge(table, source, columns, key, version, source_params=params)
-            elif self._none_between(table, slice_by, params[0], params[1]):
-                # Nothing stored in the slice's range can match: MERGE would only insert.
-                self.con.execute(f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {source}", params)
-            else:
-                self._replace(table, source, quoted, key, version, params, (slice_by, params[0], params[1]))
-
-    def _replace(
-        self,
-        table: str,
-        source: str,
-        quoted: str,
-        key: Sequence[str],
-        version: Sequence[str],
-        source_params: Sequence[object],
-        bounds: tuple[str, object, object],
-    ) -> None:
-        """What MERGE does, as a DELETE of the stored rows the slice outdates and an INSERT.
-
-        A MERGE's UPDATE keeps every replaced row's old values in memory until COMMIT, so
-        re-delivering a feed of 3M readings that were all stored ran out of the 64 MB
-        budget however it was sliced. A delete keeps only a row mark, and inserted rows
-        go to the database file.
-        """
-        column, low, high = bounds
-        on = " AND ".join(f't."{k}" = s."{k}"' for k in key) + f' AND t."{column}" BETWEEN ? AND ?'
-        newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
-        params = [*source_params, low, high]
-        self.con.execute(f"DELETE FROM {table} AS t USING {source} AS s WHERE {on} AND {newer}", params)
-        self.con.execute(
-            f"INSERT INTO {table} ({quoted}) SELECT {quoted} FROM {source} AS s "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on})",
-            params,
-        )
-
     def _repeats_within(
         self, table: str, mine: str, keys: str, within: str, params: Sequence[object]
     ) -> bool:
@@ -653,18 +564,6 @@ class Store:
         """Rows of other files in a slice (row groups outside it are skipped)."""
         found = self.con.execute(f"SELECT 1 FROM {table} WHERE {within} AND {others} LIMIT 1", params)
         return found.fetchone() is not None
-
-    def _distinct(self, table: str, keys: str) -> int:
-        row = self.con.execute(f"SELECT count(*) FROM (SELECT DISTINCT {keys} FROM {table})").fetchone()
-        assert row is not None
-        return int(row[0])
-
-    def _none_between(self, table: str, column: str, low: object, high: object) -> bool:
-        """No row of ``table`` has ``column`` in [low, high] (row groups outside are skipped)."""
-        found = self.con.execute(
-            f'SELECT 1 FROM {table} WHERE "{column}" BETWEEN ? AND ? LIMIT 1', [low, high]
-        ).fetchone()
-        return found is None
 
     @contextlib.contextmanager
     def frugal(self) -> Iterator[None]:
@@ -714,12 +613,11 @@ class Store:
         finally:
             self._budgeted(FRUGAL_MEMORY, "1")
 
-    def drop_staging(self, name: str) -> None:
-        if name.startswith(STAGING_PREFIX):
-            self.con.execute(f"DROP TABLE IF EXISTS {name}")
-
     def _drop_leftover_staging(self) -> None:
-        """Scratch tables of a run that crashed: their files will be ingested again."""
+        """Scratch tables that earlier versions staged large files in, left by a crash.
+
+        Their files were not recorded, so they are ingested again; the tables only take space.
+        """
         for (name,) in self.con.execute(
             "SELECT table_name FROM information_schema.tables WHERE starts_with(table_name, ?)",
             [STAGING_PREFIX],

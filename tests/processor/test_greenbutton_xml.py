@@ -257,14 +257,14 @@ def test_xml_without_espi_content_is_rejected(tmp_path: Path, ingest) -> None:
 
 
 @pytest.fixture
-def staged_xml(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every feed takes the large-file path: interval rows go through a scratch table."""
+def large_xml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every feed takes the large-feed path: interval rows appended as parsed, then settled."""
     from processor import ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
 
 
-def test_a_staged_feed_gives_the_same_rows(store: Store, ingest, staged_xml: None) -> None:
+def test_a_large_feed_gives_the_same_rows(store: Store, ingest, large_xml: None) -> None:
     path = SAMPLES / "PGEIntervalBlock.xml"
     latest: dict[tuple[float, int], int] = {}
     for start, duration, value, _ in readings_of(path):
@@ -277,33 +277,30 @@ def test_a_staged_feed_gives_the_same_rows(store: Store, ingest, staged_xml: Non
     got = rows.fetchall()
     assert {(s, d): v for s, d, v, _ in got} == latest and len(got) == 2280
     assert {f for *_, f in got} == {outcome.file_id}
-    assert store.con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '_meterdrop_staging_%'"
-    ).fetchone() == (0,)
 
 
-def test_a_broken_staged_feed_leaves_nothing(tmp_path: Path, store: Store, ingest, staged_xml: None) -> None:
+def test_a_broken_large_feed_leaves_nothing(tmp_path: Path, store: Store, ingest, large_xml: None) -> None:
     text = feed("", "espi").replace("</espi:IntervalBlock>", "</espi:IntervalBlok>")
     outcome = ingest(write_delivery(tmp_path / "broken.xml", [text]))
     assert outcome.status == "rejected"
     assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (0,)
-    assert store.con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '_meterdrop_staging_%'"
-    ).fetchone() == (0,)
+    assert store.con.execute("SELECT count(*) FROM files WHERE status = 'ingested'").fetchone() == (0,)
 
 
-def test_staged_and_direct_agree_on_every_sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_and_small_feed_paths_agree_on_every_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from processor import ingest as ingest_module
     from processor.ingest import Ingester
 
     tables = {}
-    for staged in (False, True):
-        monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0 if staged else 1 << 40)
-        with Store(tmp_path / f"{staged}.duckdb") as s:
+    for large in (False, True):
+        monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0 if large else 1 << 40)
+        with Store(tmp_path / f"{large}.duckdb") as s:
             ingester = Ingester(s)
             for sample in sorted(SAMPLES.glob("*.xml")):
                 assert ingester.ingest(sample).status == "ingested"
-            tables[staged] = s.con.execute(
+            tables[large] = s.con.execute(
                 "SELECT * EXCLUDE (file_id, delivered_at, version_at) FROM greenbutton_intervals ORDER BY ALL"
             ).fetchall()
     assert tables[True] == tables[False] and len(tables[True]) > 5000

@@ -63,7 +63,7 @@ def test_a_re_delivery_is_settled_one_slice_at_a_time(
         ).fetchone() == (2400, 1, 7, 2406)
 
 
-def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
+def test_a_large_feed_runs_on_the_small_budget_and_gives_it_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
@@ -97,7 +97,7 @@ def test_a_staged_feed_runs_on_the_small_budget_and_gives_it_back(
     assert before != (str(budget[0]), "1")
 
 
-def test_the_full_budget_is_really_back_after_a_staged_feed(
+def test_the_full_budget_is_really_back_after_a_large_feed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """DuckDB 1.5's `RESET memory_limit` said the default was back while the buffer pool kept
@@ -196,7 +196,7 @@ def _deliveries(folder: Path) -> list[Path]:
 
 @pytest.fixture(params=["beside the parser", "in line"])
 def appends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Staged feeds up to PARALLEL_APPEND_BYTES are appended on a thread, larger ones in line."""
+    """Large feeds up to PARALLEL_APPEND_BYTES are appended on a thread, larger ones in line."""
     monkeypatch.setattr(
         ingest_module, "PARALLEL_APPEND_BYTES", 1 << 40 if request.param == "beside the parser" else 0
     )
@@ -251,8 +251,8 @@ def _spy(method: object, log: list[object], name: str) -> object:
 def test_a_failed_append_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, appends: str
 ) -> None:
-    """Whether the scratch table is filled beside the parser or in line, an append's error
-    reaches the ingest, no thread is left, the scratch table goes, and nothing is stored."""
+    """Whether the rows are appended beside the parser or in line, an append's error reaches
+    the ingest, no thread is left, and nothing is stored."""
     feed = tmp_path / "feed.xml"
     _daily_feed(feed, 2400)
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
@@ -271,10 +271,6 @@ def test_a_failed_append_leaves_nothing(
         with pytest.raises(store_module.duckdb.IOException, match="disk gone"):
             Ingester(store).ingest(feed)
         assert not [t for t in threading.enumerate() if t.name.startswith("append-")]
-        assert store.con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE starts_with(table_name, ?)",
-            [store_module.STAGING_PREFIX],
-        ).fetchone() == (0,)
         assert store.con.execute("SELECT count(*) FROM files").fetchone() == (0,)
         assert store.con.execute("SELECT count(*) FROM greenbutton_intervals").fetchone() == (0,)
         monkeypatch.setattr(store_module, "_append", original)
