@@ -369,17 +369,18 @@ def test_a_large_feed_rejected_inside_a_group_leaves_none_of_its_rows(
         ).fetchone() == (960, 0, 2)
 
 
-def test_a_settle_that_may_replace_many_stored_rows_runs_on_the_full_budget(
+def test_a_settle_that_may_replace_many_stored_rows_gets_a_larger_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DuckDB keeps a mark per deleted row until COMMIT: re-delivering 10M stored readings ran
     out of the small budget mid-DELETE (and once failed its retry). Past FRUGAL_REPLACEABLE
-    stored rows in the feed's range, the settle runs on the full budget instead, first time."""
+    stored rows in the feed's range, the settle gets 16 bytes more per row, first time."""
     first, again = tmp_path / "first.xml", tmp_path / "again.xml"
     _daily_feed(first, 2400, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 2400, updated="2024-01-03T00:00:00Z", offset=3)
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     monkeypatch.setattr(store_module, "FRUGAL_REPLACEABLE", 1000)
+    monkeypatch.setattr(store_module, "_REPLACE_BYTES", 10_000)  # 2,400 rows: 24 MB more
     budgets: list[object] = []
     settle_slices = Store._settle_slices
 
@@ -398,12 +399,17 @@ def test_a_settle_that_may_replace_many_stored_rows_runs_on_the_full_budget(
         assert store.con.execute(
             "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
         ).fetchone() == (2400, 1, 3, 2402)
-    # nothing stored at first: the small budget; 2,400 stored readings in range: the full one
-    small = store_module.duckdb.connect()
-    small.execute(f"SET memory_limit = '{FRUGAL_MEMORY}'")
-    assert budgets == [
-        (str(small.execute("SELECT current_setting('memory_limit')").fetchone()[0]), "1"),
-        full,
-    ]  # type: ignore[index]
+    # nothing stored at first: the small budget; 2,400 stored readings in range: 24 MB more
+    raised = f"{int(FRUGAL_MEMORY.removesuffix('MB')) + 24}MB"
+    assert budgets == [(_spelled(FRUGAL_MEMORY), "1"), (_spelled(raised), "1")]
     assert [name for name, _ in attempts] == ["store", "store"]  # no second attempt
-    assert "replacing up to 2,400 stored rows: on DuckDB's full memory budget" in caplog.text
+    assert f"replacing up to 2,400 stored rows: DuckDB's budget raised to {raised[:-2]} MB" in caplog.text
+
+
+def _spelled(memory: str) -> str:
+    """How DuckDB reports a memory limit set as ``memory``."""
+    con = store_module.duckdb.connect()
+    con.execute(f"SET memory_limit = '{memory}'")
+    row = con.execute("SELECT current_setting('memory_limit')").fetchone()
+    assert row is not None
+    return str(row[0])
