@@ -390,36 +390,17 @@ class Store:
         """
         if rows.height == 0:  # nothing to merge (a download with a header and no readings)
             return
-        self._merge(table, _DELIVERY_SCAN, rows.columns, key, version, rows=_batches(rows))
-
-    def _merge(
-        self,
-        table: str,
-        source: str,
-        columns: Sequence[str],
-        key: Sequence[str],
-        version: Sequence[str],
-        *,
-        source_params: Sequence[object] = (),
-        rows: pa.Table | None = None,
-    ) -> None:
-        """MERGE ``source`` into ``table``: a newer version replaces, a new key is inserted.
-
-        ``rows`` is what ``source`` names when it is ``_DELIVERY_SCAN`` (see ``_batches``).
-        """
-        _delivery_rows = rows  # read by name: DuckDB's replacement scan
-        quoted = [f'"{c}"' for c in columns]
+        _delivery_rows = _batches(rows)  # read by name: DuckDB's replacement scan
+        quoted = [f'"{c}"' for c in rows.columns]
         keys = [f'"{k}"' for k in key]
         on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        params = list(source_params)
         newer = f"({', '.join('s.' + v for v in version)}) > ({', '.join('t.' + v for v in version)})"
         assignments = ", ".join(f"{c} = s.{c}" for c in quoted if c not in keys)
         self.con.execute(
-            f"MERGE INTO {table} AS t USING {source} AS s ON {on} "
+            f"MERGE INTO {table} AS t USING {_DELIVERY_SCAN} AS s ON {on} "
             f"WHEN MATCHED AND {newer} THEN UPDATE SET {assignments} "
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(quoted)}) "
-            f"VALUES ({', '.join('s.' + c for c in quoted)})",
-            params,
+            f"VALUES ({', '.join('s.' + c for c in quoted)})"
         )
 
     def append(self, table: str, rows: pl.DataFrame) -> None:

@@ -68,7 +68,7 @@ def test_a_large_feed_runs_on_the_small_budget_and_gives_it_back(
 ) -> None:
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     during: list[tuple[str, str]] = []
-    original_append, original_merge = store_module._append, Store._merge
+    original_append, original_merge = store_module._append, Store.merge
 
     def append(con: store_module.duckdb.DuckDBPyConnection, *args: object) -> None:
         row = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
@@ -81,7 +81,7 @@ def test_a_large_feed_runs_on_the_small_budget_and_gives_it_back(
         original_merge(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store_module, "_append", append)
-    monkeypatch.setattr(Store, "_merge", merge)
+    monkeypatch.setattr(Store, "merge", merge)
     with Store(tmp_path / "m.duckdb") as store:
         before = _settings(store)
         assert Ingester(store).ingest(SAMPLES / "PGEIntervalBlock.xml").status == "ingested"
@@ -115,13 +115,13 @@ def test_the_full_budget_is_really_back_after_a_large_feed(
 
 def test_a_small_feed_keeps_the_full_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, str]] = []
-    original = Store._merge
+    original = Store.merge
 
     def merge(self: Store, *args: object, **kwargs: object) -> None:
         seen.append(_settings(self))
         original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Store, "_merge", merge)
+    monkeypatch.setattr(Store, "merge", merge)
     with Store(tmp_path / "m.duckdb") as store:
         before = _settings(store)
         assert Ingester(store).ingest(SAMPLES / "PGEIntervalBlock.xml").status == "ingested"
