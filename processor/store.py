@@ -467,10 +467,11 @@ class Store:
         A large feed is appended to its table as it is parsed, inside the file's
         transaction, and settled here before COMMIT: its rows are written once, where a
         scratch table wrote them twice (a fifth of a large Green Button feed's time). Per
-        slice of ``slice_by`` (to stay within ``frugal``'s budget), the file's repeated keys keep only their row first in ``order``; where
-        other files' rows share the slice, of two rows with one key the older goes, the
-        stored one only when the file's is newer (as MERGE, which replaces only with a
-        newer version). A delete keeps a mark per row until COMMIT, not the row.
+        slice of ``slice_by`` (to stay within ``frugal``'s budget), the file's repeated
+        keys keep only their row first in ``order``; where other files' rows share the
+        slice, of two rows with one key the older goes, the stored one only when the
+        file's is newer (as MERGE, which replaces only with a newer version). A delete
+        keeps a mark per row until COMMIT, not the row.
         """
         mine = f"file_id = {int(file_id)}"
         others = f"file_id IS DISTINCT FROM {int(file_id)}"
@@ -481,12 +482,13 @@ class Store:
         count, low, high = row
         if not count:
             return
-        stored = self.con.execute(
+        row = self.con.execute(
             f'SELECT count(*) FROM {table} WHERE "{slice_by}" BETWEEN ? AND ? AND {others}', [low, high]
         ).fetchone()
-        with self._unless_frugal_fits(stored[0] if stored else 0):
+        stored = row[0] if row else 0
+        with self._unless_frugal_fits(stored):
             self._settle_slices(
-                table, key, mine, others, order, version, slice_by, count, low, high, slice_rows
+                table, key, mine, others, order, version, slice_by, count, low, high, slice_rows, stored
             )
 
     def _settle_slices(
@@ -502,6 +504,7 @@ class Store:
         low: Any,
         high: Any,
         slice_rows: int | None,
+        stored: int,
     ) -> None:
         keys = ", ".join(f'"{k}"' for k in key)
         same = " AND ".join(f't."{k}" = o."{k}"' for k in key)
@@ -516,7 +519,7 @@ class Store:
                     "AS o WHERE t.rowid = o.r",
                     params,
                 )
-            if not self._others_within(table, others, within(""), params):
+            if not stored or not self._others_within(table, others, within(""), params):
                 continue  # a first delivery of this range: nothing to settle
             ours = f"(SELECT {keys}, {versions} FROM {table} WHERE {mine} AND {within('')})"
             theirs = f"(SELECT {keys}, {versions} FROM {table} WHERE {others} AND {within('')})"
