@@ -101,6 +101,29 @@ def test_many_small_files_share_transactions_and_each_gets_its_line(tmp_path: Pa
     assert json.loads(together.stdout)[0]["commits"] < 30
 
 
+def test_ingest_of_panoramic_files_loads_no_server_and_no_green_button_parser(
+    tmp_path: Path, drops: Path
+) -> None:
+    """Start-up is part of every `meterdrop ingest`: what a file does not need is not imported."""
+    lazy = (
+        "asyncssh",
+        "pyftpdlib",
+        "lxml",
+        "processor.greenbutton.espi",
+        "processor.greenbutton.utility_csv",
+    )
+    script = (
+        "import sys\n"
+        "from meterdrop.cli import main\n"
+        f"sys.argv = ['meterdrop', 'ingest', '--db', {str(tmp_path / 'x.duckdb')!r}, {str(drops)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    print('exit', done.code)\n"
+        f"print('loaded', sorted(m for m in {lazy!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.stdout.splitlines()[-2:] == ["exit 0", "loaded []"], result.stdout + result.stderr
+    assert sum(line.startswith("ingested  ") for line in result.stdout.splitlines()) == 2
+
+
 def test_rejected_file_gives_exit_1_and_shows_in_status(tmp_path: Path, drops: Path) -> None:
     bad = write_delivery(
         drops / "bad.csv", [MEASUREMENTS_HEADER, "1,a,2024-01-01T00:00:00Z,60,1,s,1,230,x,1,3"]
