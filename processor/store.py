@@ -253,6 +253,7 @@ class Store:
         # spelling rounds: re-reading and setting it would lower it a little each time).
         self._budget = (str(row[0]), str(row[1]))
         self._frugal = False  # inside frugal()
+        self._owed: tuple[str, str] | None = None  # a budget an aborted transaction refused
         if not read_only:
             self.con.execute(f"SET memory_limit = '{self._budget[0]}'")
             self._create()
@@ -300,6 +301,8 @@ class Store:
             yield
         except BaseException:
             self.con.execute("ROLLBACK")
+            if self._owed is not None:
+                self._budgeted(*self._owed)
             raise
         finally:
             self._depth -= 1
@@ -575,8 +578,17 @@ class Store:
     def _budgeted(self, memory: str, threads: str) -> None:
         # Set back, not RESET: in DuckDB 1.5 `RESET memory_limit` reports the default
         # again but leaves the buffer pool at the small limit, for every later ingest.
-        self.con.execute(f"SET memory_limit = '{memory}'")
-        self.con.execute(f"SET threads = {threads}")
+        try:
+            self.con.execute(f"SET memory_limit = '{memory}'")
+            self.con.execute(f"SET threads = {threads}")
+            self._owed = None
+        except duckdb.TransactionException:
+            if not self.in_transaction:
+                raise
+            # A failed statement (out of memory, say) aborted the transaction, which now
+            # takes nothing but ROLLBACK; raising here would hide that statement's error,
+            # which callers act on. ``transaction`` sets the budget after its ROLLBACK.
+            self._owed = (memory, threads)
 
     @contextlib.contextmanager
     def _unless_frugal_fits(self, replaceable: int) -> Iterator[None]:

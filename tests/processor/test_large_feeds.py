@@ -413,3 +413,37 @@ def _spelled(memory: str) -> str:
     row = con.execute("SELECT current_setting('memory_limit')").fetchone()
     assert row is not None
     return str(row[0])
+
+
+def test_a_feed_that_outgrows_even_the_raised_budget_is_ingested_on_the_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB takes nothing but ROLLBACK in a transaction a failed statement aborted. Setting
+    the small budget back as the raised one ended failed that way, and its error hid the
+    out-of-memory one the retry waits for: a 10M re-delivery on 48 MB stopped the run."""
+    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
+    _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
+    _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
+    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
+    monkeypatch.setattr(store_module, "FRUGAL_REPLACEABLE", 1000)
+    settle_slices = Store._settle_slices
+
+    def starved(store: Store, *args: object) -> None:  # the raised budget turns out too small
+        if store._frugal:
+            store.con.execute("SET memory_limit = '1MB'")
+        settle_slices(store, *args)  # type: ignore[arg-type]
+
+    attempts: list[object] = []
+    monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
+    with Store(tmp_path / "m.duckdb") as store:
+        before = _settings(store)
+        assert Ingester(store).ingest(first).status == "ingested"
+        monkeypatch.setattr(Store, "_settle_slices", starved)
+        outcome = Ingester(store).ingest(again)
+        assert (outcome.status, outcome.rows) == ("ingested", 24_000), outcome.detail
+        outcomes = [result if isinstance(result, str) else name for name, result in attempts]
+        assert outcomes == ["store", "OutOfMemoryException", "store"]
+        assert _settings(store) == before
+        assert store.con.execute(
+            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
+        ).fetchone() == (24_000, 1, 3, 5002)
