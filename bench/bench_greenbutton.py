@@ -107,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="meterdrop-bench-") as tmp:
         workdir = Path(tmp)
         print(
-            "| file | readings | MB | lxml iterparse s | meterdrop ingest s | readings/s | ratio to parse | peak RSS MB |"
+            "| file | readings | MB | lxml iterparse s | meterdrop ingest s | readings/s | ratio to parse | peak RSS MiB |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for label, per_block in (("daily blocks", 24), ("one block", args.readings)):

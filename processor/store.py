@@ -47,11 +47,8 @@ _BATCH_ROWS = 122_880  # DuckDB's row group size
 _DELIVERY_SCAN = "_delivery_rows"  # a local variable DuckDB scans by name (``_batches``)
 MERGE_SLICE_ROWS = 100_000  # a large feed is settled this many rows at a time (``Store.settle``)
 _APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
-FRUGAL_MEMORY = "48MB"  # DuckDB's budget while a large Green Button feed is appended and settled
-FRUGAL_REPLACEABLE = (
-    2_000_000  # stored rows a settle may replace within that budget (``Store._unless_frugal_fits``)
-)
-_REPLACE_BYTES = 16  # budget per stored row a larger settle may replace: DuckDB's 8-byte mark, twice
+FRUGAL_MEMORY = "40MB"  # DuckDB's budget while a large Green Button feed is appended and settled
+_REPLACE_BYTES = 3  # and per stored row its settle may replace (``Store._unless_frugal_fits``)
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
 _PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
@@ -558,12 +555,11 @@ class Store:
         """DuckDB on a small memory budget and one thread, for as long as the block runs.
 
         A large Green Button feed is appended and settled under it: DuckDB's default
-        budget (80% of RAM) let a 1M-reading feed take 520 MB; with 48 MB, one thread and
-        settling in slices, a first delivery of any size stays under 300 MB at a small cost
-        in speed (bench/README.md). What does not fit spills to DuckDB's temporary
-        directory; what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller
-        retries without this budget). ``_unless_frugal_fits`` lifts it for a settle that
-        may replace more stored rows than fit.
+        budget (80% of RAM) let a 1M-reading feed take 520 MB; with 40 MB, one thread and
+        settling in slices, a delivery of any size stays under 300 MB at a small cost in
+        speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
+        what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller retries
+        without this budget). ``_unless_frugal_fits`` adds room for a settle's delete marks.
         """
         self._budgeted(FRUGAL_MEMORY, "1")
         self._frugal = True
@@ -592,16 +588,17 @@ class Store:
 
     @contextlib.contextmanager
     def _unless_frugal_fits(self, replaceable: int) -> Iterator[None]:
-        """A larger budget for a block that may replace ``replaceable`` stored rows, if too many.
+        """More budget for a settle that may replace ``replaceable`` stored rows.
 
-        DuckDB keeps a mark per deleted row (8 bytes) until COMMIT: re-delivering 10M stored
-        readings ran out of ``frugal``'s budget in the middle of a DELETE. Rolled back and
-        done again, that once ended in "Conflict on tuple deletion" (DuckDB 1.5.6), and it
-        parsed the file twice. So a settle that may replace more than ``FRUGAL_REPLACEABLE``
-        rows gets ``_REPLACE_BYTES`` more per row from the start, still a limit (DuckDB's
-        full budget let 10M take 387 MiB, as it kept every block it read).
+        DuckDB keeps a mark per deleted row until COMMIT, and counts it against the budget:
+        re-delivering 3M stored readings needed between 32 and 40 MB, 10M between 52 and
+        58 (bench/README.md), about 28 MB plus 2.7 bytes a row. Out of budget, the file is
+        rolled back and parsed again on DuckDB's full budget (twice the time, 500 MiB). So
+        the settle gets ``_REPLACE_BYTES`` a row more from the start: room for the marks,
+        not more, as DuckDB fills what it is given with cached blocks of the table (16
+        bytes a row took the 10M re-delivery to 377 MiB).
         """
-        if not self._frugal or replaceable <= FRUGAL_REPLACEABLE:
+        if not self._frugal or not replaceable:
             yield
             return
         budget = _megabytes(FRUGAL_MEMORY) + -(-replaceable * _REPLACE_BYTES // 1_000_000)
@@ -643,7 +640,7 @@ class Store:
 
 
 def _megabytes(setting: str) -> int:
-    """``"48MB"`` as 48: the form ``FRUGAL_MEMORY`` is written in."""
+    """``"40MB"`` as 40: the form ``FRUGAL_MEMORY`` is written in."""
     return int(setting.removesuffix("MB"))
 
 
@@ -677,6 +674,8 @@ def _batches(rows: pl.DataFrame) -> pa.Table:
     replacement scan), not by ``con.register``: a registered table is a catalog entry, and
     inside a transaction DuckDB keeps a dropped entry, and so the whole Arrow table, until
     COMMIT. A 187 MB file merged block by block in one transaction held every block's rows.
+    (A frame handed over as an Arrow C stream, without pyarrow, would save pyarrow's 28 MB,
+    but DuckDB scans a stream on one thread: a 1M-row MERGE took 1.9 s instead of 1.1.)
     """
     return pa.Table.from_batches(rows.to_arrow().to_batches(max_chunksize=_BATCH_ROWS))
 

@@ -373,13 +373,12 @@ def test_a_settle_that_may_replace_many_stored_rows_gets_a_larger_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DuckDB keeps a mark per deleted row until COMMIT: re-delivering 10M stored readings ran
-    out of the small budget mid-DELETE (and once failed its retry). Past FRUGAL_REPLACEABLE
-    stored rows in the feed's range, the settle gets 16 bytes more per row, first time."""
+    out of the small budget mid-DELETE (and once failed its retry). For each stored row in
+    the feed's range, the settle gets more budget, first time."""
     first, again = tmp_path / "first.xml", tmp_path / "again.xml"
     _daily_feed(first, 2400, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 2400, updated="2024-01-03T00:00:00Z", offset=3)
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
-    monkeypatch.setattr(store_module, "FRUGAL_REPLACEABLE", 1000)
     monkeypatch.setattr(store_module, "_REPLACE_BYTES", 10_000)  # 2,400 rows: 24 MB more
     budgets: list[object] = []
     settle_slices = Store._settle_slices
@@ -425,7 +424,6 @@ def test_a_feed_that_outgrows_even_the_raised_budget_is_ingested_on_the_full_one
     _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
-    monkeypatch.setattr(store_module, "FRUGAL_REPLACEABLE", 1000)
     settle_slices = Store._settle_slices
 
     def starved(store: Store, *args: object) -> None:  # the raised budget turns out too small
