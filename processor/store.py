@@ -556,8 +556,8 @@ class Store:
 
         A large Green Button feed is appended and settled under it: DuckDB's default
         budget (80% of RAM) let a 1M-reading feed take 520 MB; with 40 MB, one thread and
-        settling in slices, a delivery of any size stays under 300 MB at a small cost in
-        speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
+        settling in slices, deliveries of up to 10M readings stayed under 290 MiB at a small
+        cost in speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
         what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller retries
         without this budget). ``_unless_frugal_fits`` adds room for a settle's delete marks.
         """
