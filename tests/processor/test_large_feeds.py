@@ -301,22 +301,37 @@ def test_re_delivering_a_million_stored_readings_fits_the_budget(
         ).fetchone() == (1_000_008, 1, 3, 5002)
 
 
+@pytest.mark.parametrize("starved", ["the small budget", "the raised settle"])
 def test_a_feed_that_outgrows_the_budget_is_ingested_on_the_full_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, starved: str
 ) -> None:
     """Replacing stored readings needs memory for each until COMMIT (10M re-delivered did not
-    fit 64 MB): what runs out of the small budget is rolled back and done again without it."""
+    fit 64 MB): what runs out of the small budget is rolled back and done again without it.
+
+    Also when the settle's raised budget is what runs out: DuckDB then takes nothing but
+    ROLLBACK, and setting the small budget back failed in the aborted transaction; its
+    error hid the out-of-memory one the retry waits for, and the run stopped."""
     first, again = tmp_path / "first.xml", tmp_path / "again.xml"
     _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
     _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
     monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
     attempts: list[object] = []
     monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
+    settle_slices = Store._settle_slices
+
+    def starving(store: Store, *args: object) -> None:  # the raised budget turns out too small
+        if store._frugal:
+            store.con.execute("SET memory_limit = '1MB'")
+        settle_slices(store, *args)  # type: ignore[arg-type]
+
     with Store(tmp_path / "m.duckdb") as store:
         before = _settings(store)
         assert Ingester(store).ingest(first).status == "ingested"
         assert [name for name, _ in attempts] == ["store"]
-        monkeypatch.setattr(store_module, "FRUGAL_MEMORY", "1MB")
+        if starved == "the small budget":
+            monkeypatch.setattr(store_module, "FRUGAL_MEMORY", "1MB")
+        else:
+            monkeypatch.setattr(Store, "_settle_slices", starving)
         heard: list[int] = []
         outcome = Ingester(store, on_rows=heard.append).ingest(again)
         assert min(heard) < 0 and sum(heard) == 24_000  # what the first attempt reported was taken back
@@ -412,36 +427,3 @@ def _spelled(memory: str) -> str:
     row = con.execute("SELECT current_setting('memory_limit')").fetchone()
     assert row is not None
     return str(row[0])
-
-
-def test_a_feed_that_outgrows_even_the_raised_budget_is_ingested_on_the_full_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DuckDB takes nothing but ROLLBACK in a transaction a failed statement aborted. Setting
-    the small budget back as the raised one ended failed that way, and its error hid the
-    out-of-memory one the retry waits for: a 10M re-delivery on 48 MB stopped the run."""
-    first, again = tmp_path / "first.xml", tmp_path / "again.xml"
-    _daily_feed(first, 24_000, updated="2024-01-02T00:00:00Z")
-    _daily_feed(again, 24_000, updated="2024-01-03T00:00:00Z", offset=3)
-    monkeypatch.setattr(ingest_module, "LARGE_FEED_BYTES", 0)
-    settle_slices = Store._settle_slices
-
-    def starved(store: Store, *args: object) -> None:  # the raised budget turns out too small
-        if store._frugal:
-            store.con.execute("SET memory_limit = '1MB'")
-        settle_slices(store, *args)  # type: ignore[arg-type]
-
-    attempts: list[object] = []
-    monkeypatch.setattr(Ingester, "_store", _spy(Ingester._store, attempts, "store"))
-    with Store(tmp_path / "m.duckdb") as store:
-        before = _settings(store)
-        assert Ingester(store).ingest(first).status == "ingested"
-        monkeypatch.setattr(Store, "_settle_slices", starved)
-        outcome = Ingester(store).ingest(again)
-        assert (outcome.status, outcome.rows) == ("ingested", 24_000), outcome.detail
-        outcomes = [result if isinstance(result, str) else name for name, result in attempts]
-        assert outcomes == ["store", "OutOfMemoryException", "store"]
-        assert _settings(store) == before
-        assert store.con.execute(
-            "SELECT count(*), count(DISTINCT file_id), min(raw_value), max(raw_value) FROM greenbutton_intervals"
-        ).fetchone() == (24_000, 1, 3, 5002)
