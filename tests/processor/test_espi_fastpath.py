@@ -232,6 +232,11 @@ CASES: list[tuple[str, bytes, bool]] = [
         True,
     ),
     (
+        "not well-formed after CRLF readings",
+        feed([day(sep="\r\n  "), day(sep="\r\n  ")]).replace(b"</entry>\n</feed>", b"</entry>\n<x></feed>"),
+        True,
+    ),
+    (
         "not well-formed on the readings' line",
         feed([day()]).replace(b"</espi:IntervalBlock>", b"<x></espi:IntervalBlock>"),
         True,
