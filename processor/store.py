@@ -48,7 +48,7 @@ _DELIVERY_SCAN = "_delivery_rows"  # a local variable DuckDB scans by name (``_b
 MERGE_SLICE_ROWS = 100_000  # a large feed is settled this many rows at a time (``Store.settle``)
 _APPEND_QUEUE = 2  # frames waiting for a background append (``Store.appending``)
 FRUGAL_MEMORY = "40MB"  # DuckDB's budget while a large Green Button feed is appended and settled
-_REPLACE_BYTES = 3  # and per stored row its settle may replace (``Store._unless_frugal_fits``)
+_REPLACE_BYTES = 3  # and per stored row its settle may replace (``Store._room_to_replace``)
 _SQL_TYPES = {"text": "VARCHAR", "int": "INTEGER", "float": "DOUBLE", "time": "TIMESTAMPTZ"}
 PROVENANCE = ("file_id", "delivered_at", "source_path", "source_line")
 _PROVENANCE_DDL = "file_id BIGINT, delivered_at TIMESTAMPTZ, source_path VARCHAR, source_line BIGINT"
@@ -486,7 +486,7 @@ class Store:
             f'SELECT count(*) FROM {table} WHERE "{slice_by}" BETWEEN ? AND ? AND {others}', [low, high]
         ).fetchone()
         stored = row[0] if row else 0
-        with self._unless_frugal_fits(stored):
+        with self._room_to_replace(stored):
             self._settle_slices(
                 table, key, mine, others, order, version, slice_by, count, low, high, slice_rows, stored
             )
@@ -556,10 +556,11 @@ class Store:
 
         A large Green Button feed is appended and settled under it: DuckDB's default
         budget (80% of RAM) let a 1M-reading feed take 520 MB; with 40 MB, one thread and
-        settling in slices, deliveries of up to 10M readings stayed under 290 MiB at a small
-        cost in speed (bench/README.md). What does not fit spills to DuckDB's temporary directory;
-        what cannot spill raises ``duckdb.OutOfMemoryException`` (the caller retries
-        without this budget). ``_unless_frugal_fits`` adds room for a settle's delete marks.
+        settling in slices, deliveries of up to 10M readings stayed under 290 MiB at a
+        small cost in speed (bench/README.md). What does not fit spills to DuckDB's
+        temporary directory; what cannot spill raises ``duckdb.OutOfMemoryException``
+        (the caller retries without this budget). ``_room_to_replace`` adds room for a
+        settle's delete marks.
         """
         self._budgeted(FRUGAL_MEMORY, "1")
         self._frugal = True
@@ -587,7 +588,7 @@ class Store:
             self._owed = (memory, threads)
 
     @contextlib.contextmanager
-    def _unless_frugal_fits(self, replaceable: int) -> Iterator[None]:
+    def _room_to_replace(self, replaceable: int) -> Iterator[None]:
         """More budget for a settle that may replace ``replaceable`` stored rows.
 
         DuckDB keeps a mark per deleted row until COMMIT, and counts it against the budget:
