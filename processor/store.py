@@ -564,7 +564,7 @@ class Store:
 
         A large Green Button feed is appended and settled under it: DuckDB's default
         budget (80% of RAM) let a 1M-reading feed take 520 MB; with 40 MB, one thread and
-        settling in slices, deliveries of up to 10M readings stayed under 290 MiB at a
+        settling in slices, deliveries of up to 10M readings stayed under 260 MiB at a
         small cost in speed (bench/README.md). What does not fit spills to DuckDB's
         temporary directory; what cannot spill raises ``duckdb.OutOfMemoryException``
         (the caller retries without this budget). ``_room_to_replace`` adds room for a
