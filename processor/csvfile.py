@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ def _cut(buffer: bytes) -> int:
     cut = buffer.rfind(b"\n")
     if cut < 0:
         return 0
+    if buffer.find(b'"', 0, cut) < 0:  # no quote at all (most exports): finding is quicker than counting
+        return cut + 1
     quotes = buffer.count(b'"', 0, cut)
     while quotes % 2:
         previous = buffer.rfind(b"\n", 0, cut)
@@ -126,8 +129,9 @@ def _raw_blocks(stream: BinaryIO, block_size: int, first_line: int) -> Iterator[
             carry = buffer
             continue
         yield buffer[:cut], line
-        line += buffer.count(b"\n", 0, cut)
         carry = buffer[cut:]
+        if carry or len(chunk) == block_size:  # another piece may follow: it needs its line number
+            line += buffer.count(b"\n", 0, cut)
 
 
 def _diagnose(data: bytes, first_line: int, width: int) -> str | None:
@@ -183,7 +187,7 @@ def _parse_spaced_quotes(data: bytes, first_line: int, width: int) -> pl.DataFra
 
 def _parse(data: bytes, first_line: int, width: int) -> pl.DataFrame:
     names = [f"c{i}" for i in range(width)]
-    if b', "' in data:
+    if b'"' in data and b', "' in data:  # a byte is found far quicker than a pair
         return _parse_spaced_quotes(data, first_line, width)
     try:
         frame = pl.read_csv(
@@ -222,6 +226,8 @@ def read_blocks(path: Path, header: Header, block_size: int = BLOCK_SIZE) -> Ite
     width = len(header.names)
     with path.open("rb") as stream:
         stream.seek(header.data_offset)
-        for data, line in _raw_blocks(stream, block_size, first_line=2):
+        # A small file is read in one piece of its own size, not into a 64 MiB allocation.
+        rest = os.fstat(stream.fileno()).st_size - header.data_offset
+        for data, line in _raw_blocks(stream, max(1, min(block_size, rest + 1)), first_line=2):
             frame = _parse(data, line, width)
             yield Block(frame=frame, first_line=line)

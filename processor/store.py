@@ -364,9 +364,15 @@ class Store:
         error: str | None,
         note: str | None,
         timezone: str | None = None,
+        retried: bool = True,
     ) -> None:
-        """Write one ledger entry; a retried reject's entry is replaced under the same id."""
-        self.con.execute("DELETE FROM files WHERE id = ? AND status = 'rejected'", [file_id])
+        """Write one ledger entry; a retried reject's entry is replaced under the same id.
+
+        ``retried=False`` says the id is new (``next_file_id``): nothing to replace, and the
+        DELETE that would look is skipped (a millisecond a file in a burst of small ones).
+        """
+        if retried:
+            self.con.execute("DELETE FROM files WHERE id = ? AND status = 'rejected'", [file_id])
         self.con.execute(
             "INSERT INTO files (id, path, size, sha256, delivered_at, first_seen_at, format, status, rows, "
             "error, note, ingested_at, timezone) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from processor.headers import normalise
@@ -85,6 +87,39 @@ def test_a_bad_time_after_vendor_times_names_its_line(tmp_path: Path, ingest) ->
     assert (
         outcome.detail == "line 4: measurement_time(UTC) value '2024-03-01T25:00:00Z' is not a date and time"
     )
+
+
+def test_whole_numbers_written_as_decimals_are_accepted_after_plain_ones(
+    tmp_path: Path, store: Store, ingest
+) -> None:
+    """Resolutions cast straight to integers first; ``15.0`` further down sends the block the full way."""
+    lines = [MEASUREMENTS_HEADER, "1,a,2024-01-01T00:00:00Z,15,1,s,1,230,1,1,1",
+             "2,b,2024-01-01T00:00:00Z,015,1,s,1,230,1,1,1", "3,c,2024-01-01T00:00:00Z,15.0,1,s,1,230,1,1,1",
+             "4,d,2024-01-01T00:00:00Z,1.5e1,1,s,1,230,1,1,1"]  # fmt: skip
+    assert ingest(write_delivery(tmp_path / "res.csv", lines)).status == "ingested"
+    got = store.con.execute(
+        "SELECT resolution_minutes FROM panoramic_measurements ORDER BY device_id"
+    ).fetchall()
+    assert got == [(15,)] * 4
+
+
+def test_the_quick_typing_never_accepts_what_the_full_typing_refuses() -> None:
+    """``_typed(quick=True)`` is only a shortcut: any value it turns into a number, the full path
+    turns into the same number (what it cannot type, ``_lost`` sends the full way)."""
+    from processor import panoramic
+    from tests.processor.fuzzing import BAD_NUMBERS
+
+    values = [*BAD_NUMBERS, "15", "015", "15.0", "-0", "1e1", "2147483647", "-2147483648", "0.1", "3e-5"]
+    raw = pl.DataFrame({"v": values})
+    for kind in ("int", "float"):
+        column = panoramic.Column("v", kind)
+        quick, full = (
+            raw.select(panoramic._typed(column, pl.col("v"), 1.0, None, quick=q)).to_series().to_list()
+            for q in (True, False)
+        )
+        for value, q, f in zip(values, quick, full, strict=True):
+            if q is not None and math.isfinite(q):
+                assert q == f, (kind, value, q, f)
 
 
 def test_energy_in_kwh_and_mwh_is_stored_in_wh(tmp_path: Path, store: Store, ingest) -> None:
