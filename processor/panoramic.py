@@ -8,7 +8,7 @@ does not convert rejects the whole file with the line it sits on.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -172,17 +172,21 @@ def _typed(column: Column, raw: pl.Expr, factor: float, first_try: str | None, *
 
 
 def _lost(present: list[Column], sources: list[str], raw: pl.DataFrame, typed: pl.DataFrame) -> bool:
-    """Whether typing turned a value that is not missing into NULL, or let NaN or infinity through."""
+    """Whether typing turned a value that is not missing into NULL, or let NaN or infinity through.
+
+    One select over both frames side by side (no copy): on a 1 MB file each select costs
+    about a millisecond whatever it computes.
+    """
     checks = [
-        (pl.col(source).is_in(MISSING).sum() != typed[c.name].null_count())
+        pl.col(source).is_in(MISSING).sum() != pl.col(c.name).null_count()
         for c, source in zip(present, sources, strict=True)
         if c.kind != "text"
     ]
-    floats = [c.name for c in present if c.kind == "float"]
-    unfinished = typed.select((~pl.col(floats).is_finite()).sum()).row(0) if floats else ()
-    if any(unfinished):
-        return True
-    return bool(checks) and bool(raw.select(pl.any_horizontal(checks)).item())
+    checks += [(~pl.col(c.name).is_finite()).sum() > 0 for c in present if c.kind == "float"]
+    if not checks:
+        return False
+    both = raw.select(sources).hstack(typed.get_columns())
+    return bool(both.select(pl.any_horizontal(checks)).item())
 
 
 def _unknown_columns(fmt: MeasurementFormat, fields: Iterable[HeaderField]) -> list[str]:
@@ -214,7 +218,7 @@ def typed_rows(
     present = [c for c in fmt.columns if c.name in by_column]
     sources = [by_column[c.name][0] for c in present]
 
-    def convert(first_tries: dict[str, str | None], *, quick: bool) -> pl.DataFrame:
+    def convert(first_tries: Mapping[str, str], *, quick: bool) -> pl.DataFrame:
         return raw.select(
             _typed(
                 c, pl.col(source), by_column[c.name][1].factor, first_tries.get(c.name), quick=quick
