@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from processor import csvfile
+from processor.errors import Rejected
 from processor.store import Store
 from tests.conftest import MEASUREMENTS_HEADER, at, write_delivery
 
@@ -108,6 +109,42 @@ def test_small_blocks_give_the_same_table_as_one_block(
     assert store.con.execute(
         "SELECT count(*), count(DISTINCT device_name), min(site_name), sum(energy_wh) FROM panoramic_measurements"
     ).fetchone() == (20, 2, "site\nwith newline", 90.0)
+
+
+def test_a_file_up_to_the_one_piece_size_is_one_block_and_a_larger_one_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One piece saves a small file's second MERGE; beyond the limit, memory stays a few blocks."""
+    monkeypatch.setattr(csvfile, "BLOCK_SIZE", 300)
+    monkeypatch.setattr(csvfile, "ONE_PIECE_BYTES", 1000)
+    row = "1,dev,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,3"  # 45 bytes and a line break
+    for rows, blocks in ((20, 1), (21, 1), (22, 4), (60, 10)):
+        path = write_delivery(tmp_path / f"f{rows}.csv", [MEASUREMENTS_HEADER] + [row] * rows)
+        header = csvfile.read_header(path.read_bytes()[: csvfile.HEADER_LIMIT])
+        got = list(csvfile.read_blocks(path, header))
+        assert (len(got), sum(b.frame.height for b in got)) == (blocks, rows), rows
+        assert [b.first_line for b in got] == [
+            2 + sum(g.frame.height for g in got[:i]) for i in range(len(got))
+        ]
+
+
+@pytest.mark.parametrize("one_piece", [True, False])
+def test_a_line_over_the_limit_is_refused_whole_or_in_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_piece: bool
+) -> None:
+    """Read whole or block by block, a record longer than ``MAX_LINE_BYTES`` is refused by its line."""
+    monkeypatch.setattr(csvfile, "MAX_LINE_BYTES", 300)
+    monkeypatch.setattr(csvfile, "BLOCK_SIZE", 120)
+    monkeypatch.setattr(csvfile, "ONE_PIECE_BYTES", 10_000 if one_piece else 100)
+    row = "1,dev,2024-01-01T00:00:00Z,60,1,s,1,230,2,1,3"
+    long_row = row.replace("dev", "d" * 400)
+    path = write_delivery(tmp_path / "long.csv", [MEASUREMENTS_HEADER, row, row, long_row] + [row] * 20)
+    header = csvfile.read_header(path.read_bytes()[: csvfile.HEADER_LIMIT])
+    with pytest.raises(Rejected) as refused:
+        list(csvfile.read_blocks(path, header))
+    assert refused.value.reason.startswith("line 4: line longer than"), refused.value.reason
+    fine = write_delivery(tmp_path / "fine.csv", [MEASUREMENTS_HEADER] + [row] * 24)
+    assert sum(b.frame.height for b in csvfile.read_blocks(fine, header)) == 24
 
 
 @pytest.fixture

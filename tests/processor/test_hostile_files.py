@@ -353,7 +353,8 @@ def test_csv_with_a_100_mb_line(tmp_path: Path, baseline: Run) -> None:
 
 
 def test_csv_whose_last_100_mb_line_never_ends(tmp_path: Path, baseline: Run) -> None:
-    """The same without any line break after the header: the reader stops at 64 MiB, not at EOF."""
+    """The same without any line break after the header: refused, in bounded memory (a file
+    over ``ONE_PIECE_BYTES`` is read no further than 64 MiB into such a line)."""
     path = tmp_path / "endless.csv"
     with path.open("w") as f:
         f.write(f"{MEASUREMENTS_HEADER}\n")
