@@ -106,7 +106,8 @@ def test_ingest_of_panoramic_files_loads_no_server_and_no_green_button_parser(
 ) -> None:
     """Start-up is part of every `meterdrop ingest`: what a file does not need is not imported.
 
-    pyarrow.dataset is what DuckDB would import to scan the rows handed to it (18 MiB).
+    pyarrow.dataset is what DuckDB would import to scan the rows handed to it (18 MiB); rich
+    draws the progress bar and colours, which output to a pipe (as here) has neither of.
     """
     lazy = (
         "asyncssh",
@@ -116,6 +117,7 @@ def test_ingest_of_panoramic_files_loads_no_server_and_no_green_button_parser(
         "processor.greenbutton.utility_csv",
         "pyarrow.dataset",
         "pyarrow.compute",
+        "rich",
     )
     script = (
         "import sys\n"
@@ -286,3 +288,28 @@ def test_a_full_disk_stops_ingest_with_a_clear_error_and_loses_nothing(
                        "WHERE measurement_time >= '2024-01-02'")  # fmt: skip
     assert counts.returncode == 0, counts.stderr
     assert counts.stdout.splitlines()[1:] == ["28800,1"]
+
+
+def test_outcome_lines_read_the_same_on_a_terminal_and_in_a_log() -> None:
+    """A terminal gets rich markup (colours), a log plain text: once rendered, the same words,
+    brackets in paths and reasons included."""
+    from rich.console import Console
+
+    from meterdrop.cli import _outcome_lines
+    from processor.ingest import Outcome
+
+    archive = Outcome(
+        "drop/[2024] export.zip", "ingested", "zip", 3, "1 member ignored",
+        members=(
+            Outcome("drop/[2024] export.zip!a.csv", "ingested", "panoramic_measurements", 3),
+            Outcome("drop/[2024] export.zip!b.txt", "rejected", detail="unrecognised format: CSV header [a, b]"),
+            Outcome("drop/[2024] export.zip!c.csv", "duplicate", "panoramic_measurements", 0, "same as #1"),
+        ),
+    )  # fmt: skip
+    plain = [line for _, line in _outcome_lines(archive, styled=False)]
+    rendered = io.StringIO()
+    console = Console(file=rendered, highlight=False, soft_wrap=True, color_system=None)
+    for _, line in _outcome_lines(archive, styled=True):
+        console.print(line)
+    assert rendered.getvalue().splitlines() == plain
+    assert plain[2] == "  rejected  drop/[2024] export.zip!b.txt: unrecognised format: CSV header [a, b]"
