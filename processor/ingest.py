@@ -87,6 +87,21 @@ class Outcome:
     members: tuple[Outcome, ...] = ()
 
 
+def ledger_name(path: Path) -> str:
+    """The path as the ledger and the rows' ``source_path`` hold it: text, whatever its bytes.
+
+    A name that is not UTF-8 (a file copied in from a Latin-1 system: ``caf\xe9.csv``) comes
+    to Python with its stray bytes as surrogates, which DuckDB cannot store; they are
+    written as ``\xe9`` instead, so the file is still ingested, under a name that shows its bytes.
+    """
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return name
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as stream:
         return hashlib.file_digest(stream, "sha256").hexdigest()
@@ -183,7 +198,7 @@ class Ingester:
 
     def ingest(self, path: Path) -> Outcome:
         path = Path(os.path.abspath(path))
-        return self._ingest(path, str(path), None, depth=0)
+        return self._ingest(path, ledger_name(path), None, depth=0)
 
     def ingest_group(self, paths: Sequence[Path], *, until: float | None = None) -> list[Outcome]:
         """Ingest small files from the front of ``paths`` in one transaction; their outcomes.
@@ -218,7 +233,7 @@ class Ingester:
                         break
                     taken.append(Path(path))
                     budget -= size or 0
-                    outcomes.append(self._ingest(Path(path), path, None, depth=0))
+                    outcomes.append(self._ingest(Path(path), ledger_name(Path(path)), None, depth=0))
                 self._flush_pending()
         except duckdb.Error:
             return [self.ingest(path) for path in taken]

@@ -137,3 +137,19 @@ def test_kill_9_at_any_moment_then_run_again_holds_every_row_exactly_once(tmp_pa
         assert con.execute(
             "SELECT count(*) FROM panoramic_measurements m ANTI JOIN files f ON f.id = m.file_id"
         ).fetchone() == (0,)
+
+
+def test_a_name_that_is_not_utf8_is_ledgered_with_its_bytes_escaped(tmp_path: Path, store: Store) -> None:
+    """DuckDB stores text only: ``caf\xe9.csv`` from a Latin-1 system is ingested under that name."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9 [1].csv"
+    with open(raw, "w") as f:
+        f.write(f"{MEASUREMENTS_HEADER}\n{ROW.format(d=1, h=0, m=0, e=1)}\n")
+    path = Path(os.fsdecode(raw))
+    escaped = f"{tmp_path}/caf\\xe9 [1].csv"
+    ingester = Ingester(store)
+    assert (ingester.ingest(path).status, ingester.ingest_group([path])[0].status) == (
+        "ingested",
+        "unchanged",
+    )
+    assert store.con.execute("SELECT path, status FROM files").fetchall() == [(escaped, "ingested")]
+    assert store.con.execute("SELECT source_path FROM panoramic_measurements").fetchall() == [(escaped,)]
