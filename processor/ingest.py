@@ -12,6 +12,7 @@ import hashlib
 import logging
 import lzma
 import os
+import stat
 import tempfile
 import time
 import zipfile
@@ -87,6 +88,9 @@ class Outcome:
     members: tuple[Outcome, ...] = ()
 
 
+NOT_A_FILE = "not a regular file (a named pipe, socket or device): not read"
+
+
 def ledger_name(path: Path) -> str:
     """The path as the ledger and the rows' ``source_path`` hold it: text, whatever its bytes.
 
@@ -115,9 +119,10 @@ def delivery_time(path: Path) -> datetime:
 def _groupable_size(path: Path) -> int | None:
     """The size of a file that may join a group: small and not a ZIP (None: it goes alone)."""
     try:
-        size = path.stat().st_size
-        if size > GROUP_FILE_BYTES:
-            return None
+        info = path.stat()
+        if info.st_size > GROUP_FILE_BYTES or not stat.S_ISREG(info.st_mode):
+            return None  # (opening a named pipe would wait for a writer)
+        size = info.st_size
         with path.open("rb") as stream:
             return None if stream.read(len(ZIP_MAGIC)) == ZIP_MAGIC else size
     except OSError:
@@ -264,7 +269,10 @@ class Ingester:
     def _ingest(self, real: Path, name: str, delivered: datetime | None, *, depth: int) -> Outcome:
         """One file; ``name`` is what the ledger calls it (``archive.zip!member`` for members)."""
         try:
-            size = real.stat().st_size
+            info = real.stat()
+            size = info.st_size
+            if not stat.S_ISREG(info.st_mode):  # reading a named pipe would wait for a writer, forever
+                return self._reject_unread(name, size, delivered, NOT_A_FILE)
             if size > self.limits.max_file_bytes:
                 return self._reject_unread(name, size, delivered, f"file of {size:,} bytes is over the "
                                            f"{self.limits.max_file_bytes:,}-byte limit")  # fmt: skip

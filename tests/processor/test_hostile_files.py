@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import socket
 import subprocess
@@ -75,12 +76,16 @@ class Run:
         return self.ledger[0]
 
 
-def meterdrop_ingest(tmp_path: Path, *paths: Path, extra: tuple[str, ...] = ()) -> Run:
+def meterdrop_ingest(tmp_path: Path, *paths: Path, extra: tuple[str, ...] = (), timeout: float = 600) -> Run:
     data_dir = tmp_path / "data"
     command = [sys.executable, "-m", "meterdrop", "ingest", "--data-dir", str(data_dir), *extra,
                *(str(p) for p in paths)]  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, "-c", LAUNCHER, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
     )
     report = json.loads(done.stdout)
     with duckdb.connect(str(data_dir / "meterdrop.duckdb"), read_only=True) as con:
@@ -488,3 +493,21 @@ def test_a_zip_of_only_refused_members_is_rejected(tmp_path: Path) -> None:
     with Store(tmp_path / "db.duckdb") as store:
         outcome = Ingester(store).ingest(path)
     assert outcome.status == "rejected"
+
+
+def test_a_named_pipe_in_a_folder_is_rejected_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO waits for a writer; one dropped in a folder must not stop the others."""
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    os.mkfifo(folder / "b.csv")
+    for name in ("a.csv", "c.csv"):
+        (folder / name).write_text(
+            f"{MEASUREMENTS_HEADER}\n{ROW.replace('1,', '2,', 1) if name == 'c.csv' else ROW}\n"
+        )
+    run = meterdrop_ingest(tmp_path, folder, timeout=60)  # a wait for a writer would never end
+    assert run.code == 1, run.stderr
+    assert [(Path(p).name, s, e) for p, s, e in run.ledger] == [
+        ("a.csv", "ingested", None),
+        ("b.csv", "rejected", "not a regular file (a named pipe, socket or device): not read"),
+        ("c.csv", "ingested", None),
+    ]
