@@ -37,8 +37,6 @@ from processor.store import (
     UPDATED_VERSION,
     Delivery,
     Store,
-    entry_with,
-    unchanged_entry,
 )
 from processor.timezones import system_timezone
 
@@ -277,8 +275,7 @@ class Ingester:
                 return self._reject_unread(name, size, delivered, f"file of {size:,} bytes is over the "
                                            f"{self.limits.max_file_bytes:,}-byte limit")  # fmt: skip
             delivered_at = delivered or delivery_time(real)
-            at_path = self.store.entries_at(name)  # one query serves both looks below
-            seen = unchanged_entry(at_path, size, delivered_at)
+            seen = self.store.known_unchanged(name, size, delivered_at)
             if seen is not None:  # a rescan at start: no need to hash it again
                 return Outcome(name, "unchanged", seen.format, seen.rows or 0,
                                f"already {seen.status} as file #{seen.id}", seen.id)  # fmt: skip
@@ -296,7 +293,7 @@ class Ingester:
             if transient(error):
                 raise
             return Outcome(name, "rejected", detail=f"cannot read file: {error.strerror or error}")
-        known = entry_with(at_path, sha)
+        known = self.store.known(name, sha)
         if known is not None and known.status != "rejected":
             return Outcome(name, "unchanged", known.format, known.rows or 0,
                            f"already {known.status} as file #{known.id}", known.id)  # fmt: skip
