@@ -30,7 +30,8 @@ HEADER_LIMIT = 64 * 1024
 BLOCK_SIZE = 64 * 1024 * 1024
 # A file up to this size is parsed, and so merged, in one piece: a 94 MB file of 1M rows took
 # 1.2 s instead of 1.8 (its second block's MERGE joined the first's rows), and peaked 100-250
-# MiB higher, within what a 243 MB file in 64 MiB blocks takes already (bench/README.md).
+# MiB higher, 1.43 GiB at most (a 124 MB file re-delivered). Larger measurement files are
+# appended block by block and settled (``ingest.APPEND_BYTES``; bench/README.md).
 ONE_PIECE_BYTES = 128 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024  # longer lines are refused: memory stays a few blocks' worth
 BOM = b"\xef\xbb\xbf"

@@ -27,7 +27,7 @@ import duckdb
 import polars as pl
 
 from processor import catalog, panoramic
-from processor.csvfile import BOM, HEADER_LIMIT, read_blocks, read_header
+from processor.csvfile import BOM, HEADER_LIMIT, ONE_PIECE_BYTES, read_blocks, read_header
 from processor.errors import Rejected
 from processor.headers import normalise_all
 from processor.store import (
@@ -50,7 +50,10 @@ log = logging.getLogger("meterdrop.ingest")
 Status = Literal["ingested", "duplicate", "rejected", "unchanged"]
 STATUSES: tuple[Status, ...] = ("ingested", "duplicate", "unchanged", "rejected")
 ZIP_MAGIC = b"PK\x03\x04"
-APPEND_BYTES = 256 * 1024 * 1024  # measurement files above this are appended as read, then settled
+# Measurement files above this are appended as read, then settled; up to it a file is one block
+# and one MERGE. A 243 MB file merged in 64 MiB blocks peaked at 1.16 / 1.55 GiB (first / again),
+# appended at 0.88 / 0.93 GiB, 5-10% slower (bench/README.md).
+APPEND_BYTES = ONE_PIECE_BYTES
 CSV_SLICE_ROWS = 1_000_000  # in slices of this many rows (a 1 GB re-delivery: 4.9 GiB in one MERGE)
 LARGE_FEED_BYTES = 16 * 1024 * 1024  # ESPI feeds above this are appended as parsed (about 80k readings)
 PARALLEL_APPEND_BYTES = 256 * 1024 * 1024  # and up to this size beside the parser (Store.appending)
