@@ -466,10 +466,11 @@ class Ingester:
                 total += block.frame.height
             return Loaded(catalog.FORMAT, total)
         ignored = panoramic.check_header(fmt, fields)
-        # Merged block by block, one transaction holds each block's MERGE work until COMMIT
-        # (a 187 MB file re-delivered: 1.5 GiB). A large file's rows are appended as read
-        # instead (the database writes them out as it goes) and settled newest-wins in time
-        # slices. In a group (only with changed size settings) the group's merge takes them.
+        # A file up to APPEND_BYTES is one block and one MERGE. Merged block by block, a larger
+        # one's transaction would hold each block's MERGE work until COMMIT (a 187 MB file
+        # re-delivered: 1.5 GiB), so its rows are appended as read instead (the database
+        # writes them out as it goes) and settled newest-wins in time slices. In a group
+        # (only with changed size settings) the group's merge takes them.
         appended = self._pending is None and size > APPEND_BYTES
         for block in read_blocks(real, header):
             rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)

@@ -161,7 +161,7 @@ def test_any_processing_order_equals_delivery_order(deliveries, order) -> None:
     order=st.randoms(use_true_random=False),
 )
 def test_any_processing_order_equals_delivery_order_when_appended_and_settled(deliveries, order) -> None:
-    """The same, every file taking the path of files over 256 MB: appended as read, then settled
+    """The same, every file taking the path of files over 128 MiB: appended as read, then settled
     in slices of two rows' time range (its own repeats, then the older of each stored pair)."""
     saved = ingest_module.APPEND_BYTES, ingest_module.CSV_SLICE_ROWS
     ingest_module.APPEND_BYTES, ingest_module.CSV_SLICE_ROWS = 0, 2
