@@ -29,7 +29,7 @@ def inside(home: Path, requested: str | bytes, cwd: str = "/") -> Path:
     """The real path for a client's path, which must stay within ``home``.
 
     Client paths are POSIX paths relative to the user's root (``/`` is ``home``). ``..``
-    cannot climb above it, NUL bytes and hidden names are refused, and no component
+    cannot climb above it, NUL bytes, control characters and hidden names are refused, and no component
     inside ``home`` may be a symlink (a planted link must not lead out).  Nor may the
     path name a regular file with more than one hard link: the servers never create
     one (uploads are renamed into place, links are refused), so such a file was planted
@@ -39,6 +39,9 @@ def inside(home: Path, requested: str | bytes, cwd: str = "/") -> Path:
     text = requested.decode("utf-8", errors="strict") if isinstance(requested, bytes) else requested
     if "\x00" in text:
         raise Refused("NUL byte in path")
+    if any(ch < " " or ch == "\x7f" for ch in text):
+        # A line break in a name would let an uploader write lines of their own into the log.
+        raise Refused("control character in path")
     joined = PurePosixPath(cwd) / text
     parts: list[str] = []
     for part in joined.parts:

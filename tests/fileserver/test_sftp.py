@@ -642,6 +642,32 @@ def test_delete_chmod_and_links_are_refused(users: UserStore, serve: Callable[..
     assert stat.S_IMODE(data.stat().st_mode) != 0o777
 
 
+def test_names_with_line_breaks_are_refused(users: UserStore, serve: Callable[..., SFTPServerThread]) -> None:
+    """Such a name would write lines of the uploader's choosing into the server's log."""
+    server = serve()
+    home = users.home(VENDOR)
+
+    async def session() -> None:
+        async with connect(server.port) as conn, conn.start_sftp_client() as sftp:
+            for name in (
+                "x.csv\n2026-12-05 12:00:00,000 INFO meterdrop: forged.csv",
+                "a\rb.csv",
+                "tab\there",
+            ):
+                with pytest.raises(asyncssh.SFTPPermissionDenied, match="control character"):
+                    async with sftp.open(name, "wb") as upload:
+                        await upload.write(b"a\n")
+                with pytest.raises(asyncssh.SFTPPermissionDenied, match="control character"):
+                    await sftp.mkdir(name)
+            async with sftp.open("fine.csv", "wb") as upload:
+                await upload.write(b"a\n")
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="control character"):
+                await sftp.rename("fine.csv", "fine\n.csv")
+
+    run(session())
+    assert sorted(p.name for p in home.iterdir()) == ["fine.csv"]
+
+
 # -- tests: the SSH side ---------------------------------------------------------------
 def test_repeated_wrong_passwords_ban_the_address(
     users: UserStore, guard: Guard, serve: Callable[..., SFTPServerThread]

@@ -96,8 +96,11 @@ def test_paths_stay_inside_home(tmp_path: Path, requested: str, expected: str) -
     assert inside(tmp_path, requested) == tmp_path / expected
 
 
-@pytest.mark.parametrize("requested", ["a\x00b", ".hidden", "a/.part-x", "x" * 300])
-def test_hidden_nul_and_overlong_names_are_refused(tmp_path: Path, requested: str) -> None:
+@pytest.mark.parametrize(
+    "requested",
+    ["a\x00b", ".hidden", "a/.part-x", "x" * 300, "a\nb.csv", "a\r\nINFO x.csv", "a\tb", "a\x7fb"],
+)
+def test_hidden_nul_control_and_overlong_names_are_refused(tmp_path: Path, requested: str) -> None:
     with pytest.raises(Refused):
         inside(tmp_path, requested)
 
