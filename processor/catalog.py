@@ -13,7 +13,7 @@ import polars as pl
 
 from processor.errors import Rejected, at_line
 from processor.headers import HeaderField
-from processor.panoramic import MISSING
+from processor.panoramic import MISSING_LIST
 
 FORMAT = "panoramic_catalog"
 TABLE = "panoramic_catalog"
@@ -40,7 +40,7 @@ def catalog_rows(fields: list[HeaderField], raw: pl.DataFrame, first_line: int) 
     """Rows with the entity they describe, all vendor cells as text (empty and N/A as NULL)."""
     names = vendor_columns(fields)
     cells = raw.select(
-        pl.when(pl.col(f"c{i}").is_in(MISSING)).then(None).otherwise(pl.col(f"c{i}")).alias(name)
+        pl.when(pl.col(f"c{i}").is_in(MISSING_LIST)).then(None).otherwise(pl.col(f"c{i}")).alias(name)
         for i, name in enumerate(names)
     )
     id_columns = [c for c in _ID_PRIORITY if c in names]

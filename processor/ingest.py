@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -89,6 +89,7 @@ class Outcome:
     members: tuple[Outcome, ...] = ()
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NOT_A_FILE = "not a regular file (a named pipe, socket or device): not read"
 
 
@@ -430,9 +431,12 @@ class Ingester:
     # -- formats -------------------------------------------------------------------------
     @staticmethod
     def _provenance(file_id: int | None, delivered_at: datetime, name: str) -> list[pl.Expr]:
+        # The time goes in as microseconds: ``pl.lit(datetime)`` took 170 us a call (its time
+        # zone is looked up each time), three of them 0.5 ms of a small file's ingest.
+        since_epoch = (delivered_at - _EPOCH) // timedelta(microseconds=1)
         return [
             pl.lit(file_id, pl.Int64).alias("file_id"),
-            pl.lit(delivered_at, pl.Datetime("us", "UTC")).alias("delivered_at"),
+            pl.lit(since_epoch, pl.Int64).cast(pl.Datetime("us", "UTC")).alias("delivered_at"),
             pl.lit(name).alias("source_path"),
         ]
 

@@ -110,11 +110,14 @@ def detect(fields: list[HeaderField]) -> MeasurementFormat | Literal["catalog"] 
 
 
 MISSING = ("", "N/A", "n/a", "N/a", "n/A")
+# The same as a list expression, built once: ``is_in(MISSING)`` turned the tuple into a Series
+# on every call, 26 times a file (0.8 ms of a 1 MB file's 20).
+MISSING_LIST = pl.lit(pl.Series(MISSING, dtype=pl.String)).implode()
 
 
 def _null_if_missing(raw: pl.Expr) -> pl.Expr:
     """Empty cells and the vendor's ``N/A`` are missing values."""
-    return pl.when(raw.is_in(MISSING)).then(None).otherwise(raw)
+    return pl.when(raw.is_in(MISSING_LIST)).then(None).otherwise(raw)
 
 
 _TIME_FORMATS = (
@@ -178,7 +181,7 @@ def _lost(present: list[Column], sources: list[str], raw: pl.DataFrame, typed: p
     about a millisecond whatever it computes.
     """
     checks = [
-        pl.col(source).is_in(MISSING).sum() != pl.col(c.name).null_count()
+        pl.col(source).is_in(MISSING_LIST).sum() != pl.col(c.name).null_count()
         for c, source in zip(present, sources, strict=True)
         if c.kind != "text"
     ]

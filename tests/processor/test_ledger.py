@@ -153,3 +153,14 @@ def test_a_name_that_is_not_utf8_is_ledgered_with_its_bytes_escaped(tmp_path: Pa
     )
     assert store.con.execute("SELECT path, status FROM files").fetchall() == [(escaped, "ingested")]
     assert store.con.execute("SELECT source_path FROM panoramic_measurements").fetchall() == [(escaped,)]
+
+
+def test_rows_carry_the_ledgers_delivery_time_to_the_microsecond(tmp_path: Path, store: Store) -> None:
+    """The rows' version is the ledger's delivered_at exactly, fractions of a second included."""
+    path = write_delivery(tmp_path / "m.csv", [MEASUREMENTS_HEADER, ROW.format(d=1, h=0, m=0, e=1)])
+    os.utime(path, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    assert Ingester(store).ingest(path).status == "ingested"
+    (ledger,) = store.con.execute("SELECT delivered_at FROM files").fetchone()
+    (row,) = store.con.execute("SELECT delivered_at FROM panoramic_measurements").fetchone()
+    assert row == ledger
+    assert (ledger.timestamp(), ledger.microsecond) == (1_700_000_000.123456, 123456)
