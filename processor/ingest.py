@@ -30,14 +30,7 @@ from processor import catalog, panoramic
 from processor.csvfile import BOM, HEADER_LIMIT, ONE_PIECE_BYTES, read_blocks, read_header
 from processor.errors import Rejected
 from processor.headers import normalise_all
-from processor.store import (
-    DELIVERY_VERSION,
-    GREENBUTTON_KEYS,
-    PROVENANCE,
-    UPDATED_VERSION,
-    Delivery,
-    Store,
-)
+from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
 from processor.timezones import system_timezone
 
 if TYPE_CHECKING:
