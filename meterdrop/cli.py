@@ -18,6 +18,7 @@ import click
 import duckdb
 
 from processor.ingest import Ingester, Limits, Outcome, expand
+from processor.readahead import ReadAhead
 from processor.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
             f"cannot open {database} for writing: {error}. Another process has held it for over "
             f"{_DB_WAIT:.0f}s: close it, or drop the files into the folder `meterdrop serve` watches."
         ) from None
-    with store, _progress(len(files)) as progress:
+    with store, _progress(len(files)) as progress, ReadAhead() as read_ahead:
 
         def on_rows(n: int) -> None:
             nonlocal rows_total
@@ -253,8 +254,9 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
             progress(rate=f"{rows_total / elapsed:,.0f} rows/s")
 
         ingester = Ingester(
-            store, on_rows=on_rows, timezone=timezone, limits=Limits(max_file_bytes=max_file_size)
-        )
+            store, on_rows=on_rows, timezone=timezone, limits=Limits(max_file_bytes=max_file_size),
+            read_ahead=read_ahead,
+        )  # fmt: skip
         done = 0
         while done < len(files):
             # Small files share a transaction and a MERGE per table (Ingester.ingest_group);

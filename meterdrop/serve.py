@@ -21,6 +21,7 @@ from fileserver.guard import Guard, GuardPolicy
 from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from processor.ingest import Ingester, Limits, Outcome
+from processor.readahead import ReadAhead
 from processor.store import open_store
 from processor.watcher import DropWatcher
 
@@ -55,20 +56,21 @@ def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
     letting go of the database every second so readers are not shut out."""
     remaining = list(paths)
     limits = Limits(max_file_bytes=config.max_file_bytes)
-    while remaining:
-        with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
-                        on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
-            ingester = Ingester(store, timezone=config.timezone, limits=limits)
-            deadline = time.monotonic() + HOLD_SECONDS
-            while True:  # at least one file per slice, however short the slice
-                outcomes = ingester.ingest_group(remaining, until=deadline)
-                del remaining[: len(outcomes)]
-                for outcome in outcomes:
-                    _log_outcome(outcome)
-                if not remaining or time.monotonic() >= deadline:
-                    break
-        if remaining:
-            time.sleep(YIELD_SECONDS)
+    with ReadAhead() as read_ahead:  # the next files are parsed while a group merges, and during the pause
+        while remaining:
+            with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
+                            on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
+                ingester = Ingester(store, timezone=config.timezone, limits=limits, read_ahead=read_ahead)
+                deadline = time.monotonic() + HOLD_SECONDS
+                while True:  # at least one file per slice, however short the slice
+                    outcomes = ingester.ingest_group(remaining, until=deadline)
+                    del remaining[: len(outcomes)]
+                    for outcome in outcomes:
+                        _log_outcome(outcome)
+                    if not remaining or time.monotonic() >= deadline:
+                        break
+            if remaining:
+                time.sleep(YIELD_SECONDS)
 
 
 def _log_outcome(outcome: Outcome) -> None:

@@ -8,7 +8,6 @@ any point leaves all of it or none of it, and running again finishes the job.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import lzma
 import os
@@ -30,6 +29,7 @@ from processor import catalog, panoramic
 from processor.csvfile import BOM, HEADER_LIMIT, ONE_PIECE_BYTES, read_blocks, read_header
 from processor.errors import Rejected
 from processor.headers import normalise_all
+from processor.readahead import Prepared, ReadAhead, sha256_file
 from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
 from processor.timezones import system_timezone
 
@@ -99,11 +99,6 @@ def ledger_name(path: Path) -> str:
     except UnicodeEncodeError:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
     return name
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def delivery_time(path: Path) -> datetime:
@@ -187,8 +182,9 @@ class Ingester:
     """
 
     def __init__(self, store: Store, on_rows: RowsCallback | None = None, *, timezone: str | None = None,
-                 limits: Limits | None = None) -> None:  # fmt: skip
+                 limits: Limits | None = None, read_ahead: ReadAhead | None = None) -> None:  # fmt: skip
         self.store = store
+        self.read_ahead = read_ahead  # groups have their next files hashed and parsed by it
         self.on_rows = on_rows or (lambda n: None)
         self.timezone = timezone
         self.limits = limits or Limits()
@@ -225,15 +221,21 @@ class Ingester:
             with self.store.transaction():
                 self._pending = []
                 outcomes = []
-                for path in map(os.path.abspath, paths):
-                    size = _groupable_size(Path(path))
+                absolute = [Path(os.path.abspath(path)) for path in paths]
+                for index, path in enumerate(absolute):
+                    size = _groupable_size(path)
                     if taken and (
                         size is None or size > budget or (until is not None and time.monotonic() >= until)
                     ):
                         break
-                    taken.append(Path(path))
+                    taken.append(path)
                     budget -= size or 0
-                    outcomes.append(self._ingest(Path(path), ledger_name(Path(path)), None, depth=0))
+                    outcome = self._ingest(path, ledger_name(path), None, depth=0)
+                    outcomes.append(outcome)
+                    if self.read_ahead is not None and outcome.status != "unchanged":
+                        # New deliveries: the next ones are likely new too (a rescan's files,
+                        # all in the ledger already, are not read ahead for nothing).
+                        self.read_ahead.ahead(absolute[index + 1 :])
                 self._flush_pending()
         except duckdb.Error:
             return [self.ingest(path) for path in taken]
@@ -271,21 +273,27 @@ class Ingester:
             if size > self.limits.max_file_bytes:
                 return self._reject_unread(name, size, delivered, f"file of {size:,} bytes is over the "
                                            f"{self.limits.max_file_bytes:,}-byte limit")  # fmt: skip
+            prepared = (
+                self.read_ahead.take(real, info) if self.read_ahead is not None and depth == 0 else None
+            )
             delivered_at = delivered or delivery_time(real)
             seen = self.store.known_unchanged(name, size, delivered_at)
             if seen is not None:  # a rescan at start: no need to hash it again
                 return Outcome(name, "unchanged", seen.format, seen.rows or 0,
                                f"already {seen.status} as file #{seen.id}", seen.id)  # fmt: skip
-            with real.open("rb") as stream:
-                head = stream.read(HEADER_LIMIT)
-            if size > UNHASHED_BINARY_BYTES and b"\x00" in head and not head.startswith(ZIP_MAGIC):
-                # A large binary upload is refused from its first bytes: hashing 10 GiB first
-                # took 23 s for the same answer (no hash, as for a file over the size limit).
-                try:
-                    _sniff(head)
-                except Rejected as error:
-                    return self._reject_unread(name, size, delivered_at, error.reason)
-            sha = _sha256(real)
+            if prepared is not None:
+                head, sha = prepared.head, prepared.sha256
+            else:
+                with real.open("rb") as stream:
+                    head = stream.read(HEADER_LIMIT)
+                if size > UNHASHED_BINARY_BYTES and b"\x00" in head and not head.startswith(ZIP_MAGIC):
+                    # A large binary upload is refused from its first bytes: hashing 10 GiB first
+                    # took 23 s for the same answer (no hash, as for a file over the size limit).
+                    try:
+                        _sniff(head)
+                    except Rejected as error:
+                        return self._reject_unread(name, size, delivered_at, error.reason)
+                sha = sha256_file(real)
         except OSError as error:
             if transient(error):
                 raise
@@ -315,7 +323,7 @@ class Ingester:
             return self._ingest_archive(real, entry, known.id if known else None, depth)
         known_id = known.id if known else None
         if not _large_feed(head, size):
-            return self._store(real, name, head, size, entry, known_id)
+            return self._store(real, name, head, size, entry, known_id, prepared)
         report, reported = self.on_rows, 0
 
         def counting(rows: int) -> None:
@@ -339,8 +347,9 @@ class Ingester:
         return self._store(real, name, head, size, entry, known_id)
 
     def _store(
-        self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None
-    ) -> Outcome:
+        self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None,
+        prepared: Prepared | None = None,
+    ) -> Outcome:  # fmt: skip
         """Parse a new file and store its rows with its ledger entry, or reject it."""
         held = len(self._pending) if self._pending is not None else 0
         try:
@@ -349,7 +358,7 @@ class Ingester:
                 if _large_feed(head, size):
                     loaded = self._load_large_feed(real, name, head, size, file_id, entry.delivered_at)
                 else:
-                    loaded = self._load(real, name, head, size, file_id, entry.delivered_at)
+                    loaded = self._load(real, name, head, size, file_id, entry.delivered_at, prepared)
                 self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
                                   rows=loaded.rows, error=None, note=loaded.note,
                                   timezone=loaded.timezone, retried=known_id is not None)  # fmt: skip
@@ -434,8 +443,9 @@ class Ingester:
         ]
 
     def _load(
-        self, real: Path, name: str, head: bytes, size: int, file_id: int, delivered_at: datetime
-    ) -> Loaded:
+        self, real: Path, name: str, head: bytes, size: int, file_id: int, delivered_at: datetime,
+        prepared: Prepared | None = None,
+    ) -> Loaded:  # fmt: skip
         _sniff(head)
         provenance = self._provenance(file_id, delivered_at, name)
         if looks_like_xml(head):
@@ -469,15 +479,22 @@ class Ingester:
         # writes them out as it goes) and settled newest-wins in time slices. In a group
         # (only with changed size settings) the group's merge takes them.
         appended = self._pending is None and size > APPEND_BYTES
-        for block in read_blocks(real, header):
-            rows = panoramic.typed_rows(fmt, fields, block.frame, block.first_line)
+        typed = (
+            prepared.blocks
+            if prepared is not None and prepared.format == fmt.name and prepared.blocks
+            else (
+                (panoramic.typed_rows(fmt, fields, block.frame, block.first_line), block.frame.height)
+                for block in read_blocks(real, header)
+            )
+        )
+        for rows, height in typed:
             rows = rows.with_columns(*provenance).select(*fmt.column_names(), *PROVENANCE)
             if appended:
                 self.store.append(fmt.table, rows)
                 self.on_rows(rows.height)
             else:
                 self._write(fmt.table, rows, fmt.key)
-            total += block.frame.height
+            total += height
         if appended:
             self.store.settle(fmt.table, fmt.key, file_id, order="source_line DESC", version=DELIVERY_VERSION,
                               slice_by="measurement_time", slice_rows=CSV_SLICE_ROWS)  # fmt: skip
