@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +52,21 @@ HOLD_SECONDS = 1.0  # longest the server keeps the database to itself while othe
 YIELD_SECONDS = 0.2  # then it lets go this long, so `meterdrop query` and the DuckDB CLI get in
 
 
-def _ingest_batch(config: ServeConfig, paths: list[Path]) -> None:
+def _ingest_batch(config: ServeConfig, paths: list[Path], stopping: threading.Event | None = None) -> None:
     """Ingest ready files, small ones in groups sharing a transaction (``Ingester.ingest_group``),
-    letting go of the database every second so readers are not shut out."""
+    letting go of the database every second so readers are not shut out.
+
+    Once ``stopping`` is set (SIGTERM) no new slice starts: a burst's backlog could take a
+    minute, and the files left are still in the drop folder, not in the ledger, so the
+    next start's scan takes them.
+    """
     remaining = list(paths)
     limits = Limits(max_file_bytes=config.max_file_bytes)
     with ReadAhead() as read_ahead:  # the next files are parsed while a group merges, and during the pause
         while remaining:
+            if stopping is not None and stopping.is_set():
+                log.info("stopping: %d file(s) left for the next start", len(remaining))
+                return
             with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
                             on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
                 ingester = Ingester(store, timezone=config.timezone, limits=limits, read_ahead=read_ahead)
@@ -90,19 +99,30 @@ async def serve(config: ServeConfig) -> None:
     drop_root.mkdir(parents=True, exist_ok=True)
     if swept := sweep_partials(drop_root):
         log.info("removed %d unfinished upload(s) left by an earlier run", swept)
-    watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths))
-    watcher.start()
+    stopping = threading.Event()
+    watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths, stopping))
+    # Both servers bind their ports before anything starts: a port in use ends the start
+    # with its reason, and no thread is left running (one left running aborted the exit).
     ftps = FtpsServer(
         host=config.host, port=config.ftps_port, passive_ports=config.passive_ports, users=users, guard=guard,
         certs_dir=config.certs_dir, public_host=config.public_host, max_upload_bytes=config.max_upload_bytes,
         max_connections_per_ip=config.max_connections_per_ip, idle_timeout=config.idle_timeout,
         on_published=watcher.notify,
     )  # fmt: skip
-    ftps.start()
-    sftp = await start_sftp_server(
-        host=config.host, port=config.sftp_port, users=users, guard=guard, certs_dir=config.certs_dir,
-        max_upload_bytes=config.max_upload_bytes, on_published=watcher.notify,
-    )  # fmt: skip
+    sftp = None
+    try:
+        sftp = await start_sftp_server(
+            host=config.host, port=config.sftp_port, users=users, guard=guard, certs_dir=config.certs_dir,
+            max_upload_bytes=config.max_upload_bytes, on_published=watcher.notify,
+        )  # fmt: skip
+        ftps.start()
+        watcher.start()  # uploads published before this wait in its queue, and its scan sees them
+    except BaseException:
+        if sftp is not None:
+            await stop_sftp_server(sftp)
+        ftps.stop()
+        watcher.stop()
+        raise
     sftp_port = sftp.sockets[0].getsockname()[1] if sftp.sockets else config.sftp_port
     log.info("SFTP on %s:%d, FTPS on %s:%d (passive %d-%d)", config.host, sftp_port, *ftps.address,
              config.passive_ports.start, config.passive_ports.stop - 1)  # fmt: skip
@@ -117,6 +137,7 @@ async def serve(config: ServeConfig) -> None:
         await stop.wait()
     finally:
         log.info("stopping")
+        stopping.set()
         await stop_sftp_server(sftp)
         ftps.stop()
         watcher.stop()

@@ -131,11 +131,14 @@ class DropWatcher(FileSystemEventHandler):
         self._worker.start()
 
     def stop(self) -> None:
+        """Stop watching and wait for the batch in hand; also safe before (or after a failed) ``start``."""
         self._stop.set()
         self._observer.stop()
         self._ready.put(None)
-        self._observer.join()
-        self._worker.join()
+        if self._observer.is_alive():
+            self._observer.join()
+        if self._worker.is_alive():
+            self._worker.join()
 
     def notify(self, path: Path) -> None:
         """A server published ``path``: it is complete now."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -173,3 +174,54 @@ def test_a_backlog_lets_go_of_the_database_between_slices(
     assert len(opened) == 3  # one slice per file when a slice may last no time at all
     with open_store(tmp_path / "db.duckdb", read_only=True) as store:
         assert store.con.execute("SELECT count(*) FROM files WHERE status = 'ingested'").fetchone() == (3,)
+
+
+def test_sigterm_during_a_backlog_leaves_the_rest_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst's backlog can take a minute; SIGTERM must not wait for all of it (exit within 10 s)."""
+    import meterdrop.serve as serving
+    from processor.store import open_store
+
+    stopping = threading.Event()
+
+    def open_then_stop(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        stopping.set()  # SIGTERM arrives while the first slice works
+        return open_store(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serving, "open_store", open_then_stop)
+    monkeypatch.setattr(serving, "HOLD_SECONDS", 0.0)
+    monkeypatch.setattr(serving, "YIELD_SECONDS", 0.0)
+    files = []
+    for i in range(3):
+        path = tmp_path / f"f{i}.csv"
+        path.write_text(MEASUREMENTS_HEADER + f"\n{i},d,2024-03-01T09:00:00Z,60,1,HQ,1,230,230,1,230\n")
+        files.append(path)
+    config = serving.ServeConfig(
+        data_dir=tmp_path, database=tmp_path / "db.duckdb", certs_dir=tmp_path / "certs", host="127.0.0.1",
+        sftp_port=0, ftps_port=0, passive_ports=range(1, 2), public_host=None, max_upload_bytes=None, timezone=None,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="meterdrop"):
+        serving._ingest_batch(config, files, stopping)
+    assert "stopping: 2 file(s) left for the next start" in caplog.text
+    with open_store(tmp_path / "db.duckdb", read_only=True) as store:
+        assert store.con.execute("SELECT path FROM files").fetchall() == [(str(files[0]),)]
+
+
+@pytest.mark.parametrize("busy", ["--sftp-port", "--ftps-port"])
+def test_a_port_in_use_ends_the_start_with_its_reason(tmp_path: Path, busy: str) -> None:
+    """Exit 1 with the reason; once a thread left running made the exit abort (SIGABRT, 134)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = {"--sftp-port": "0", "--ftps-port": "0", busy: str(taken.getsockname()[1])}
+        passive = free_port_range(3)
+        result = subprocess.run(
+            [sys.executable, "-m", "meterdrop", "serve", "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1",
+             *(item for pair in ports.items() for item in pair),
+             "--passive-ports", f"{passive.start}-{passive.stop - 1}", "--certs-dir", str(tmp_path / "certs")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "cannot start" in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
