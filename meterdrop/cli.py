@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import click
@@ -19,7 +22,7 @@ import duckdb
 
 from processor.ingest import Ingester, Limits, Outcome, expand
 from processor.readahead import ReadAhead
-from processor.store import Store, open_store
+from processor.store import NotADatabase, Store, held_by_another, open_store
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -67,14 +70,32 @@ def _open_existing(path: Path) -> Store:
         raise click.UsageError(
             f"no database at {path}: run `meterdrop ingest PATH` first, or point --db / --data-dir at one"
         )
+    return _open(
+        path, read_only=True,
+        held="a DuckDB CLI or notebook with the file open (close it), or `meterdrop serve` ingesting one "
+             "very large file (try again when it is done)",
+    )  # fmt: skip
+
+
+def _open(path: Path, *, read_only: bool, held: str) -> Store:
+    """Open the database, waiting while another process holds it; a clear error otherwise.
+
+    ``held`` is what to tell the user when the wait ran out: only for a lock, since a
+    file that is not a database or a folder without permission fails at once.
+    """
     try:
-        return open_store(path, read_only=True, wait=_DB_WAIT, on_wait=_waiting)
-    except duckdb.IOException as error:
-        raise click.ClickException(
-            f"cannot open {path}: {error}. Another process has held it for over {_DB_WAIT:.0f}s: a DuckDB "
-            "CLI or notebook with the file open (close it), or `meterdrop serve` ingesting one very large "
-            "file (try again when it is done)."
-        ) from None
+        return open_store(path, read_only=read_only, wait=_DB_WAIT, on_wait=_waiting)
+    except NotADatabase as error:
+        raise click.UsageError(str(error)) from None
+    except duckdb.Error as error:
+        reason = str(error).strip().splitlines()[0]
+        mode = "" if read_only else " for writing"
+        if held_by_another(error):
+            raise click.ClickException(
+                f"cannot open {path}{mode}: {reason}. Another process has held it for over {_DB_WAIT:.0f}s: "
+                f"{held}."
+            ) from None
+        raise click.ClickException(f"cannot open {path}{mode}: {reason}") from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -168,9 +189,12 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     text = value.strip().upper().removesuffix("B")
     number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
     try:
-        return int(float(number) * units[unit])
-    except ValueError:
+        size = int(float(number) * units[unit])
+    except (ValueError, OverflowError):
         raise click.BadParameter(f"{value!r} is not a size like 500M or 2G") from None
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: a size must be above zero, like 500M or 2G")
+    return size
 
 
 def _max_file_size_option(f: Any) -> Any:
@@ -226,8 +250,14 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
       meterdrop ingest --data-dir /srv/meterdrop exports/Measurements/
     """
     database = _database(data_dir, db)
-    database.parent.mkdir(parents=True, exist_ok=True)
-    files = list(expand(paths))
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot create the folder {database.parent} for the database: {error.strerror or error}"
+        ) from None
+    unreadable: list[OSError] = []
+    files = list(expand(paths, unreadable.append))
     styled = sys.stdout.isatty()  # rich (25-40 ms to import) only for a terminal
     if styled:
         from rich.console import Console
@@ -235,16 +265,16 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
         emit: Callable[[str], None] = Console(stderr=False, highlight=False, soft_wrap=True).print
     else:
         emit = click.echo
-    rejected = 0
+    rejected = len(unreadable)
+    for failure in unreadable:  # its files cannot be named, so they cannot be ledgered: said here
+        reason = failure.strerror or str(failure)
+        emit(f"rejected  {failure.filename}: cannot list this folder ({reason}); its files were not read")
     started = time.perf_counter()
     rows_total = 0
-    try:
-        store = open_store(database, wait=_DB_WAIT, on_wait=_waiting)
-    except duckdb.IOException as error:
-        raise click.ClickException(
-            f"cannot open {database} for writing: {error}. Another process has held it for over "
-            f"{_DB_WAIT:.0f}s: close it, or drop the files into the folder `meterdrop serve` watches."
-        ) from None
+    store = _open(
+        database, read_only=False,
+        held="close it, or drop the files into the folder `meterdrop serve` watches",
+    )  # fmt: skip
     with store, _progress(len(files)) as progress, ReadAhead() as read_ahead:
 
         def on_rows(n: int) -> None:
@@ -279,8 +309,9 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
             elapsed = max(time.perf_counter() - started, 1e-9)
             progress(completed=done, description=f"ingesting ({done / elapsed:,.1f} files/s)")
     elapsed = time.perf_counter() - started
+    folders = f", {len(unreadable)} folder(s) unreadable" if unreadable else ""
     click.echo(
-        f"{len(files)} file(s), {rejected} rejected, {rows_total:,} rows in {elapsed:.1f}s "
+        f"{len(files)} file(s){folders}, {rejected} rejected, {rows_total:,} rows in {elapsed:.1f}s "
         f"({rows_total / max(elapsed, 1e-9):,.0f} rows/s) into {database}",
         err=True,
     )
@@ -290,7 +321,10 @@ def ingest(data_dir: Path, db: Path | None, quiet: bool, timezone: str | None, m
 @main.command(context_settings=CONTEXT)
 @_data_dir_option
 @_db_option
-@click.option("--rejects", default=10, show_default=True, help="How many of the latest rejects to list.")
+@click.option(
+    "--rejects", default=10, show_default=True, type=click.IntRange(min=0),
+    help="How many of the latest rejects to list.",
+)  # fmt: skip
 def status(data_dir: Path, db: Path | None, rejects: int) -> None:
     """What the ledger holds: counts by status and format, latest rejects, newest deliveries.
 
@@ -376,14 +410,33 @@ def _report_console() -> Console:
     return Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 100_000)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime | date):
+def _plain(value: Any, *, json_safe: bool = False) -> Any:
+    """A DuckDB value as JSON can hold it: times in ISO 8601, lists and structs inside out.
+
+    ``json_safe`` also turns NaN and infinities into null, which JSON has no words for.
+    """
+    if isinstance(value, datetime | date | dt_time):
         return value.isoformat()
-    if isinstance(value, Decimal):
+    if isinstance(value, timedelta):  # INTERVAL, or the difference of two times
+        seconds = value.total_seconds()
+        return f"{'-' if seconds < 0 else ''}PT{abs(seconds):g}S"
+    if isinstance(value, Decimal | UUID):
         return str(value)
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, float) and json_safe and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(item, json_safe=json_safe) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item, json_safe=json_safe) for key, item in value.items()}
     return value
+
+
+def _cell(value: Any) -> Any:
+    """One value for a CSV or table cell: a list or struct as JSON text, not Python's repr."""
+    plain = _plain(value)
+    return json.dumps(plain) if isinstance(plain, list | dict) else plain
 
 
 @main.command(context_settings=CONTEXT)
@@ -399,9 +452,10 @@ def _plain(value: Any) -> Any:
 )
 @click.argument("sql")
 def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
-    """Run one SQL statement against the database, read-only, and print the result.
+    """Run SQL against the database, read-only, and print the result.
 
-    Times are TIMESTAMPTZ and print in UTC.
+    Times are TIMESTAMPTZ and print in UTC (ISO 8601 in CSV and JSON). Several statements
+    separated by ";" run in order; the last one's result is printed.
 
     \b
     Examples:
@@ -418,14 +472,14 @@ def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
     if output == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([[_plain(v) for v in row] for row in rows])
+        writer.writerows([[_cell(v) for v in row] for row in rows])
     elif output == "json":
-        json.dump(
-            [{c: _plain(v) for c, v in zip(columns, row, strict=True)} for row in rows],
-            sys.stdout,
-            indent=None,
-        )
-        sys.stdout.write("\n")
+        # Made whole before anything is written: a value that failed halfway left half a document.
+        text = json.dumps(
+            [{c: _plain(v, json_safe=True) for c, v in zip(columns, row, strict=True)} for row in rows],
+            indent=None, allow_nan=False, default=str,
+        )  # fmt: skip
+        sys.stdout.write(text + "\n")
     else:
         from rich.table import Table
 
@@ -433,7 +487,7 @@ def query(data_dir: Path, db: Path | None, output: str, sql: str) -> None:
         for column in columns:
             table.add_column(column)
         for row in rows:
-            table.add_row(*("NULL" if v is None else str(_plain(v)) for v in row))
+            table.add_row(*("NULL" if v is None else str(_cell(v)) for v in row))
         _report_console().print(table)
 
 
@@ -471,7 +525,8 @@ def _port_range(ctx: click.Context, param: click.Parameter, value: str) -> range
     default=Path("certs"),
     show_default=True,
     envvar="METERDROP_CERTS_DIR",
-    help="TLS certificate (ftps.crt, ftps.key) and SSH host keys; generated on first start.",
+    help="TLS certificate (ftps.crt, ftps.key) and SSH host keys; generated on first start "
+    "(env METERDROP_CERTS_DIR).",
 )
 @click.option(
     "--max-upload-size",
@@ -542,7 +597,7 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
         # asyncssh's packet path runs about 20% faster on uvloop than on asyncio's own loop
         # (bench/README.md, "SFTP on uvloop").
         uvloop.run(run(config))
-    except OSError as error:
+    except (OSError, NotADatabase) as error:
         raise click.ClickException(f"cannot start: {error}") from None
 
 
@@ -564,6 +619,20 @@ def _user_store(data_dir: Path) -> UserStore:
     from fileserver.users import UserStore  # imported here: asyncssh costs `ingest` and `query` a startup
 
     return UserStore(data_dir)
+
+
+@contextlib.contextmanager
+def _user_errors(data_dir: Path) -> Iterator[None]:
+    """A refused change (unknown user, bad key) or a data dir that cannot be written: one clear line."""
+    try:
+        yield
+    except ValueError as error:  # fileserver.users.UserError
+        raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(
+            f"cannot write the users of {data_dir}: {error.strerror or error}"
+            + (f" ({error.filename})" if error.filename else "")
+        ) from None
 
 
 def _read_password(from_stdin: bool, confirm: bool = True) -> str | None:
@@ -596,10 +665,8 @@ def users_add(data_dir: Path, password_stdin: bool, keys: tuple[Path, ...], name
       meterdrop users add acme --password-stdin < password.txt
     """
     password = _read_password(password_stdin) if password_stdin or not keys else None
-    try:
+    with _user_errors(data_dir):
         _user_store(data_dir).add(name, password, [k.read_text(encoding="utf-8") for k in keys])
-    except ValueError as error:  # fileserver.users.UserError
-        raise click.ClickException(str(error)) from None
     click.echo(f"added {name}: uploads land in {data_dir / 'drop' / name}")
 
 
@@ -614,10 +681,8 @@ def users_passwd(data_dir: Path, password_stdin: bool, name: str) -> None:
     Example:
       meterdrop users passwd acme
     """
-    try:
+    with _user_errors(data_dir):
         _user_store(data_dir).set_password(name, _read_password(password_stdin) or "")
-    except ValueError as error:  # fileserver.users.UserError
-        raise click.ClickException(str(error)) from None
     click.echo(f"password of {name} changed")
 
 
@@ -631,10 +696,8 @@ def users_remove(data_dir: Path, name: str) -> None:
     Example:
       meterdrop users remove acme
     """
-    try:
+    with _user_errors(data_dir):
         _user_store(data_dir).remove(name)
-    except ValueError as error:  # fileserver.users.UserError
-        raise click.ClickException(str(error)) from None
     click.echo(f"removed {name}")
 
 

@@ -23,7 +23,7 @@ from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from processor.ingest import Ingester, Limits, Outcome
 from processor.readahead import ReadAhead
-from processor.store import open_store
+from processor.store import open_store, refuse_other_files
 from processor.watcher import DropWatcher
 
 log = logging.getLogger("meterdrop")
@@ -95,6 +95,7 @@ async def serve(config: ServeConfig) -> None:
     guard = Guard(config.guard)
     config.certs_dir.mkdir(parents=True, exist_ok=True)
     config.database.parent.mkdir(parents=True, exist_ok=True)
+    refuse_other_files(config.database)  # at start, not at every batch
     drop_root = users.drop_root
     drop_root.mkdir(parents=True, exist_ok=True)
     if swept := sweep_partials(drop_root):

@@ -700,15 +700,16 @@ def _unreadable_member(info: zipfile.ZipInfo, error: BaseException) -> BaseExcep
     return Rejected(f"unreadable ZIP member {info.filename!r}: {reason}")
 
 
-def expand(paths: Iterable[Path]) -> Iterator[Path]:
+def expand(paths: Iterable[Path], unreadable: Callable[[OSError], None] | None = None) -> Iterator[Path]:
     """Files named, and the files under folders named (recursively, in name order).
 
     Hidden files and folders (a leading dot) inside folders are skipped: upload clients
-    and editors keep their unfinished work there.
+    and editors keep their unfinished work there. A folder that cannot be listed is
+    passed to ``unreadable`` (its files cannot be named, so they cannot be ledgered).
     """
     for path in paths:
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in os.walk(path, onerror=unreadable):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
                     if not name.startswith("."):

@@ -203,6 +203,38 @@ class Delivery:
     first_seen_at: datetime
 
 
+class NotADatabase(Exception):
+    """``--db`` names a file that holds something else (a CSV, say): DuckDB would not write to it."""
+
+
+_DUCKDB_MAGIC = b"DUCK"  # at byte 8 of every DuckDB database file, after a checksum
+
+
+def refuse_other_files(path: Path | str) -> None:
+    """Raise NotADatabase unless ``path`` is missing, empty or a DuckDB database file.
+
+    DuckDB opens an existing CSV, Parquet or JSON file as an in-memory database with the
+    file as a view: an ingest into ``--db exports.csv`` reported its rows and stored none.
+    """
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(12)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return  # DuckDB says what is wrong with these itself
+    if head and head[8:12] != _DUCKDB_MAGIC:
+        raise NotADatabase(
+            f"{path} is not a DuckDB database (it starts with {head[:8]!r}); point --db at a meterdrop "
+            "database, or at a new file name to start one"
+        )
+
+
+def held_by_another(error: BaseException) -> bool:
+    """DuckDB's "Could not set lock on file ...: Conflicting lock is held in ..." (not merely a
+    message that says "lock": the file's own path may)."""
+    text = str(error)
+    return "Could not set lock on file" in text or "Conflicting lock is held" in text
+
+
 def open_store(
     path: Path | str,
     *,
@@ -222,7 +254,7 @@ def open_store(
         try:
             return Store(path, read_only=read_only, checkpoint_on_close=checkpoint_on_close)
         except duckdb.IOException as error:
-            if "lock" not in str(error).lower() or time.monotonic() >= deadline:
+            if not held_by_another(error) or time.monotonic() >= deadline:
                 raise
             if on_wait is not None and not told:
                 on_wait(str(error).splitlines()[0])
@@ -244,6 +276,7 @@ class Store:
         included, and DuckDB still checkpoints on its own once the log passes 16 MB.
         """
         self.path = Path(path)
+        refuse_other_files(path)
         self.con = duckdb.connect(str(path), read_only=read_only)
         self.con.execute("SET TimeZone = 'UTC'")
         if not checkpoint_on_close and not read_only:

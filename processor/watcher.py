@@ -70,11 +70,16 @@ def visible(path: Path, root: Path) -> bool:
 
 def scan(root: Path) -> Iterator[Path]:
     """Every visible file under ``root``, in name order."""
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, onerror=_unlisted):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if visible(Path(folder) / name, root):
                 yield Path(folder) / name
+
+
+def _unlisted(error: OSError) -> None:
+    log.warning("cannot list %s (%s): its files wait until it can be read", error.filename,
+                error.strerror or error)  # fmt: skip
 
 
 def _named(paths: list[Path], shown: int = 3) -> str:

@@ -313,3 +313,128 @@ def test_outcome_lines_read_the_same_on_a_terminal_and_in_a_log() -> None:
         console.print(line)
     assert rendered.getvalue().splitlines() == plain
     assert plain[2] == "  rejected  drop/[2024] export.zip!b.txt: unrecognised format: CSV header [a, b]"
+
+
+def _without_root_powers() -> list[str]:
+    """A command prefix under which file permissions hold: root keeps its uid, loses its override."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+
+
+def test_a_db_that_is_not_a_database_is_refused_not_written_past(tmp_path: Path, drops: Path) -> None:
+    """DuckDB opens an existing CSV as an in-memory database: an ingest once said ok and stored nothing."""
+    exports = tmp_path / "exports.csv"
+    exports.write_text(MEASUREMENTS_HEADER + "\n")
+    before = exports.read_bytes()
+    for args in (["ingest", "--db", str(exports), str(drops)], ["status", "--db", str(exports)],
+                 ["query", "--db", str(exports), "SELECT 1"], ["check", "--db", str(exports)]):  # fmt: skip
+        result = meterdrop(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"{exports} is not a DuckDB database" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert exports.read_bytes() == before
+    served = meterdrop("serve", "--data-dir", str(tmp_path / "data"), "--db", str(exports), "--host", "127.0.0.1",
+                       "--sftp-port", "0", "--ftps-port", "0", "--passive-ports", "47000-47001")  # fmt: skip
+    assert (
+        served.returncode == 1
+        and "cannot start:" in served.stderr
+        and "not a DuckDB database" in served.stderr
+    )
+
+
+def test_only_a_lock_is_blamed_on_another_process(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.duckdb"
+    empty.touch()
+    result = meterdrop("query", "--db", str(empty), "SELECT 1")
+    assert result.returncode == 1
+    assert f"cannot open {empty}" in result.stderr and "not a valid DuckDB database" in result.stderr
+    assert "Another process" not in result.stderr
+
+
+def test_a_database_folder_that_cannot_be_made_is_a_clear_error(tmp_path: Path, drops: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = meterdrop("ingest", "--db", str(blocker / "x.duckdb"), str(drops))
+    assert result.returncode == 1
+    assert f"cannot create the folder {blocker} for the database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_query_prints_every_duckdb_type_as_json_and_csv_can_hold_it(tmp_path: Path, drops: Path) -> None:
+    db = tmp_path / "x.duckdb"
+    meterdrop("ingest", "--db", str(db), str(drops))
+    sql = (
+        "SELECT INTERVAL 90 MINUTE AS span, TIME '10:30:00' AS at, "
+        "'00000000-0000-0000-0000-00000000002a'::UUID AS id, 'nan'::DOUBLE AS nan, 'inf'::DOUBLE AS inf, "
+        "list(measurement_time) AS times, {'n': 1, 'd': DATE '2024-01-02'} AS s FROM panoramic_measurements"
+    )
+    result = meterdrop("query", "--db", str(db), "--format", "json", sql)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {"span": "PT5400S", "at": "10:30:00", "id": "00000000-0000-0000-0000-00000000002a", "nan": None,
+         "inf": None, "times": ["2024-01-01T00:00:00+00:00"], "s": {"n": 1, "d": "2024-01-02"}}
+    ]  # fmt: skip
+    as_csv = meterdrop("query", "--db", str(db), "--format", "csv", sql)
+    assert as_csv.returncode == 0, as_csv.stderr
+    header, line = csv.reader(io.StringIO(as_csv.stdout))
+    assert dict(zip(header, line, strict=True))["times"] == '["2024-01-01T00:00:00+00:00"]'
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", "--rejects", "-1"], "Invalid value for '--rejects'"),
+        (["ingest", "--max-file-size", "-5", "x.csv"], "a size must be above zero"),
+        (["ingest", "--max-file-size", "0", "x.csv"], "a size must be above zero"),
+        (["serve", "--max-upload-size", "-1K"], "a size must be above zero"),
+    ],
+)
+def test_values_out_of_range_are_usage_errors(args: list[str], message: str) -> None:
+    result = meterdrop(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_an_unreadable_folder_is_reported_not_skipped(tmp_path: Path, drops: Path) -> None:
+    locked = drops / "Locked"
+    write_delivery(
+        locked / "c.csv", [MEASUREMENTS_HEADER, "2,Pump,2024-01-01T00:00:00Z,60,7,HQ,1,230,230,1,5"]
+    )
+    locked.chmod(0)
+    try:
+        result = subprocess.run(
+            [*_without_root_powers(), sys.executable, "-m", "meterdrop", "ingest", "--db",
+             str(tmp_path / "x.duckdb"), str(drops)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert f"rejected  {locked}: cannot list this folder (Permission denied)" in result.stdout
+    assert "1 folder(s) unreadable, 1 rejected" in result.stderr
+    assert result.stdout.count("ingested  ") == 2  # the readable files still went in
+
+
+def test_users_in_a_data_dir_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o555)
+    try:
+        result = subprocess.run(
+            [*_without_root_powers(), sys.executable, "-m", "meterdrop", "users", "add", "acme", "--password-stdin",
+             "--data-dir", str(data)],
+            input="a long passphrase\n", capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    finally:
+        data.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write the users of {data}: Permission denied" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_query_runs_statements_in_order_and_prints_the_last(tmp_path: Path, drops: Path) -> None:
+    db = tmp_path / "x.duckdb"
+    meterdrop("ingest", "--db", str(db), str(drops))
+    result = meterdrop("query", "--db", str(db), "--format", "json",
+                       "SET TimeZone = 'Europe/Berlin'; SELECT min(measurement_time) AS t FROM panoramic_measurements")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"t": "2024-01-01T01:00:00+01:00"}]
