@@ -165,13 +165,22 @@ def _typed(column: Column, raw: pl.Expr, factor: float, first_try: str | None, *
         return _parse_time(raw, first_try)
     if quick:
         number = raw.cast(pl.Int32 if column.kind == "int" else pl.Float64, strict=False)
-        return number * factor if factor != 1.0 and column.kind == "float" else number
+        return _scaled(number, factor) if factor != 1.0 and column.kind == "float" else number
     # NaN and infinities ("NaN", "inf", "1e309") are not readings: null here, so they are reported.
     number = raw.cast(pl.Float64, strict=False)
     number = pl.when(number.is_finite()).then(number)
     if column.kind == "int":
         return pl.when(number == number.round()).then(number).otherwise(None).cast(pl.Int32, strict=False)
-    return number * factor if factor != 1.0 else number
+    return _scaled(number, factor) if factor != 1.0 else number
+
+
+def _scaled(number: pl.Expr, factor: float) -> pl.Expr:
+    """kWh or MWh in Wh, without binary noise: 1.005 kWh is 1005 Wh, not 1004.9999999999999.
+
+    A double holds 15 significant digits exactly, more than any export writes, so rounding
+    the product to 15 takes off only the error of the multiplication.
+    """
+    return (number * factor).round_sig_figs(15)
 
 
 def _lost(present: list[Column], sources: list[str], raw: pl.DataFrame, typed: pl.DataFrame) -> bool:

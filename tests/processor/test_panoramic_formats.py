@@ -159,10 +159,19 @@ def test_energy_in_kwh_and_mwh_is_stored_in_wh(tmp_path: Path, store: Store, ing
     mwh = MEASUREMENTS_HEADER.replace("energy(Wh)", "ENERGY(MWh)")
     ingest(write_delivery(tmp_path / "a.csv", [kwh, "1,a,2024-01-01T00:00:00Z,60,1,s,1,230,1.5,1,2.5"]))
     ingest(write_delivery(tmp_path / "b.csv", [mwh, "2,b,2024-01-01T00:00:00Z,60,1,s,1,230,7,1,0.25"]))
+    # Values whose product carries binary noise (1.005 * 1000 is 1004.9999999999999 in doubles),
+    # on the quick typing path and, with a resolution written 60.0, on the full one.
+    ingest(write_delivery(tmp_path / "c.csv", [kwh, "3,c,2024-01-01T00:00:00Z,60,1,s,1,230,1.005,1,1.005"]))
+    ingest(write_delivery(tmp_path / "d.csv", [mwh, "4,d,2024-01-01T00:00:00Z,60.0,1,s,1,230,1.1,1,33.3"]))
     got = store.con.execute(
         "SELECT device_id, power_w, energy_wh FROM panoramic_measurements ORDER BY device_id"
     ).fetchall()
-    assert got == [("1", 1500.0, 2500.0), ("2", 7.0, 250000.0)]
+    assert got == [
+        ("1", 1500.0, 2500.0),
+        ("2", 7.0, 250000.0),
+        ("3", 1005.0, 1005.0),
+        ("4", 1.1, 33300000.0),
+    ]
 
 
 def test_pan42_rows_are_kept_per_phase(tmp_path: Path, store: Store, ingest) -> None:
