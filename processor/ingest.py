@@ -602,7 +602,7 @@ class Ingester:
         if outermost:
             self._refused = {}
         try:
-            members = self._archive_members(real, entry, depth)
+            members, hidden = self._archive_members(real, entry, depth)
         except (Rejected, *_MEMBER_ERRORS) as error:  # e.g. NotImplementedError: zip file version 19.1
             if transient(error):
                 raise
@@ -619,6 +619,9 @@ class Ingester:
                 format_name="zip"))  # fmt: skip
         counts = {status: sum(m.status == status for m in members) for status in STATUSES}
         note = f"{len(members)} member(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        if hidden:
+            shown = ", ".join(hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
+            note += f"; skipped {len(hidden)} hidden member(s): {shown}"
         rows = sum(m.rows for m in members if m.status == "ingested")
         with self.store.transaction():
             file_id = known_id or self.store.next_file_id()
@@ -626,7 +629,9 @@ class Ingester:
                               note=note)  # fmt: skip
         return Outcome(entry.path, "ingested", "zip", rows, note, file_id, tuple(members))
 
-    def _archive_members(self, real: Path, entry: Delivery, depth: int) -> list[Outcome]:
+    def _archive_members(self, real: Path, entry: Delivery, depth: int) -> tuple[list[Outcome], list[str]]:
+        """The members' outcomes, and the names of the hidden members skipped (as in folders:
+        ``.DS_Store``, and the ``__MACOSX/._*`` copies a Mac adds to every ZIP it makes)."""
         limits = self.limits
         if depth >= limits.max_archive_depth:
             raise Rejected(f"ZIP nested more than {limits.max_archive_depth} levels deep")
@@ -649,6 +654,8 @@ class Ingester:
                     )
             if any(not i.filename for i in infos):
                 raise Rejected("unreadable ZIP: a member without a name")
+            hidden = [i.filename for i in infos if _hidden_member(i.filename)]
+            infos = [i for i in infos if not _hidden_member(i.filename)]
             outcomes = []
             budget = limits.max_archive_bytes
             with tempfile.TemporaryDirectory(prefix="meterdrop-zip-") as scratch:
@@ -664,7 +671,16 @@ class Ingester:
                     outcomes.append(self._ingest(target, f"{entry.path}!{info.filename}", entry.delivered_at,
                                                  depth=depth + 1))  # fmt: skip
                     target.unlink()
-            return outcomes
+            return outcomes, hidden
+
+
+def _hidden_member(name: str) -> bool:
+    """A member a folder of the same files would have hidden: a name starting with a dot, or __MACOSX.
+
+    (``..`` is not a name but a step up: such members are read, under a name of our own.)
+    """
+    parts = name.replace("\\", "/").split("/")
+    return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in parts)
 
 
 def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: int) -> int:

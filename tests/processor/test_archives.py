@@ -75,6 +75,21 @@ def test_member_names_never_become_paths(tmp_path: Path, store: Store, ingest) -
     assert not list(tmp_path.glob("**/escaped.csv"))
 
 
+def test_hidden_members_are_skipped_as_in_folders(tmp_path: Path, store: Store, ingest) -> None:
+    """A ZIP made on a Mac carries __MACOSX/._name copies and .DS_Store: they are not deliveries."""
+    archive = make_zip(tmp_path / "mac.zip", {
+        "usage.csv": CSV, "__MACOSX/._usage.csv": b"\x00\x05\x16\x07 resource fork", ".DS_Store": b"Bud1\x00",
+        "sub/.hidden.csv": CSV,
+    })  # fmt: skip
+    outcome = ingest(archive)
+    assert outcome.status == "ingested"
+    assert [(m.path.rsplit("!", 1)[1], m.status) for m in outcome.members] == [("usage.csv", "ingested")]
+    assert store.con.execute("SELECT note FROM files WHERE path = ?", [str(archive)]).fetchone() == (
+        "1 member(s): 1 ingested; skipped 3 hidden member(s): __MACOSX/._usage.csv, .DS_Store, sub/.hidden.csv",
+    )
+    assert store.con.execute("SELECT count(*) FROM files WHERE path LIKE '%!%'").fetchone() == (1,)
+
+
 def test_zip_bomb_by_ratio_is_refused(tmp_path: Path, store: Store, ingest) -> None:
     archive = make_zip(tmp_path / "bomb.zip", {"zeros.csv": b"0" * (50 * 1024 * 1024)})
     outcome = ingest(archive)
