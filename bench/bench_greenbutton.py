@@ -1,8 +1,10 @@
 """Green Button ESPI ingest: readings per second and peak memory, against bare XML parsing.
 
 Generates an ESPI feed of N hourly readings (one IntervalBlock per day, with cost and
-quality, as utilities write them) and one with all readings in a single block (the
-worst case for memory), then measures in the same run:
+quality, as utilities write them), one with all readings in a single block (the
+worst case for memory), and one of daily blocks whose readings hold only a time period
+and a value (144 MB per 1M readings, nearer the "about 100 MB" issue #3 states), then
+measures in the same run:
 
 - baseline: lxml iterparse over the file counting IntervalReadings (parsing only);
 - ours: `meterdrop ingest` of the file into a fresh database, as a subprocess, with its
@@ -29,8 +31,24 @@ from lxml import etree
 ESPI = "http://naesb.org/espi"
 
 
-def generate(path: Path, readings: int, per_block: int, updated: str = "2024-01-02", offset: int = 0) -> None:
+def generate(
+    path: Path,
+    readings: int,
+    per_block: int,
+    updated: str = "2024-01-02",
+    offset: int = 0,
+    *,
+    lean: bool = False,
+) -> None:
+    """``lean``: readings of a time period and a value only, as PG&E's sample writes them
+    (without its indentation): 144 MB per 1M readings, nearer issue #3's "about 100 MB".
+    Otherwise each reading also has a cost and a ReadingQuality: 214 MB."""
     start = 1_577_836_800
+    extra = (
+        (lambda i: "")
+        if lean
+        else (lambda i: f"<cost>{i % 1000 * 10}</cost><ReadingQuality><quality>0</quality></ReadingQuality>")
+    )
     with path.open("w") as out:
         out.write('<?xml version="1.0"?>\n<feed xmlns="http://www.w3.org/2005/Atom">\n')
         out.write(
@@ -51,7 +69,7 @@ def generate(path: Path, readings: int, per_block: int, updated: str = "2024-01-
                 f"<start>{start + block * 3600}</start></interval>\n"
             )
             out.writelines(
-                f"<IntervalReading><cost>{i % 1000 * 10}</cost><ReadingQuality><quality>0</quality></ReadingQuality>"
+                f"<IntervalReading>{extra(i)}"
                 f"<timePeriod><duration>3600</duration><start>{start + i * 3600}</start></timePeriod>"
                 f"<value>{i % 5000 + offset}</value></IntervalReading>\n"
                 for i in range(block, min(readings, block + per_block))
@@ -110,9 +128,14 @@ def main() -> None:
             "| file | readings | MB | lxml iterparse s | meterdrop ingest s | readings/s | ratio to parse | peak RSS MiB |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for label, per_block in (("daily blocks", 24), ("one block", args.readings)):
+        cases = (
+            ("daily blocks", 24, False),
+            ("one block", args.readings, False),
+            ("daily blocks, time and value only", 24, True),
+        )
+        for label, per_block, lean in cases:
             path = workdir / f"feed-{per_block}.xml"
-            generate(path, args.readings, per_block)
+            generate(path, args.readings, per_block, lean=lean)
             parse_s = baseline(path)
             try:
                 ingest_s, rss_mb, rows = ours(path, workdir)
