@@ -436,7 +436,7 @@ def _plain(value: Any, *, json_safe: bool = False) -> Any:
 def _cell(value: Any) -> Any:
     """One value for a CSV or table cell: a list or struct as JSON text, not Python's repr."""
     plain = _plain(value)
-    return json.dumps(plain) if isinstance(plain, list | dict) else plain
+    return json.dumps(plain, default=str) if isinstance(plain, list | dict) else plain
 
 
 @main.command(context_settings=CONTEXT)

@@ -219,8 +219,8 @@ def refuse_other_files(path: Path | str) -> None:
     try:
         with open(path, "rb") as stream:
             head = stream.read(12)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        return  # DuckDB says what is wrong with these itself
+    except OSError:
+        return  # missing, a folder, no permission: DuckDB says what is wrong itself
     if head and head[8:12] != _DUCKDB_MAGIC:
         raise NotADatabase(
             f"{path} is not a DuckDB database (it starts with {head[:8]!r}); point --db at a meterdrop "
