@@ -107,9 +107,18 @@ def virtual(home: Path, real: Path) -> str:
     return "/" + relative.as_posix() if relative.parts else "/"
 
 
+NAME_MAX = 255  # bytes in one file name, on Linux file systems
+
+
 def partial_for(final: Path) -> Path:
-    """A fresh hidden name beside ``final`` for the upload in progress."""
-    return final.with_name(f".{final.name}.part-{secrets.token_hex(4)}")
+    """A fresh hidden name beside ``final`` for the upload in progress.
+
+    The name is cut so that the 15 bytes added still fit in ``NAME_MAX``: a final name of
+    241-255 bytes is allowed, and its upload once failed with no reason given.
+    """
+    suffix = f".part-{secrets.token_hex(4)}"
+    stem = os.fsencode(final.name)[: NAME_MAX - 1 - len(suffix)]
+    return final.with_name(os.fsdecode(b"." + stem) + suffix)
 
 
 def publish(partial: Path, final: Path) -> None:

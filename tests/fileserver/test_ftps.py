@@ -222,6 +222,16 @@ def test_ftplib_upload_is_published_with_identical_bytes(
     ftp.quit()
 
 
+def test_names_up_to_the_file_system_limit_upload(serve: Callable[..., Server], clients: Clients) -> None:
+    server = serve()
+    ftp = clients.tls(server)
+    name = "m" * 251 + ".csv"  # 255 bytes: with the partial's 15 more, the upload once got 550
+    assert ftp.storbinary(f"STOR {name}", io.BytesIO(b"long name\n")).startswith("226")
+    assert (server.home / name).read_bytes() == b"long name\n"
+    assert hidden(server.home) == []
+    ftp.quit()
+
+
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_curl_upload_creating_folders(serve: Callable[..., Server], tmp_path: Path) -> None:
     server = serve()

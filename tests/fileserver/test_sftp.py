@@ -332,6 +332,26 @@ def test_asyncssh_client_password_upload_download_and_rename(
     assert server.published[-1] == home / "archive" / "meters.csv"
 
 
+def test_names_up_to_the_file_system_limit_upload(
+    users: UserStore, serve: Callable[..., SFTPServerThread]
+) -> None:
+    """The hidden partial name adds 15 bytes: names of 241-255 bytes once failed with no reason."""
+    server = serve()
+    name = "m" * 251 + ".csv"  # 255 bytes, the most one name may have
+
+    async def session() -> None:
+        async with (
+            connect(server.port) as conn,
+            conn.start_sftp_client() as sftp,
+            sftp.open(name, "wb") as upload,
+        ):
+            await upload.write(csv_bytes(10, "long"))
+
+    run(session())
+    assert (users.home(VENDOR) / name).read_bytes() == csv_bytes(10, "long")
+    assert partials(users.home(VENDOR)) == []
+
+
 def test_paramiko_client_password_upload(users: UserStore, serve: Callable[..., SFTPServerThread]) -> None:
     server = serve()
     data = csv_bytes(5_000)
