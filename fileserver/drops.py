@@ -10,10 +10,15 @@ time is set at that moment, and it is the delivery's version.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+
+log = logging.getLogger("meterdrop.drops")
 
 # Errors that mean "the disk (or the user's quota) is full": answered 452 over FTPS and
 # FX_NO_SPACE_ON_FILESYSTEM/FX_FAILURE "No space left on device" over SFTP.
@@ -121,10 +126,30 @@ def partial_for(final: Path) -> Path:
     return final.with_name(os.fsdecode(b"." + stem) + suffix)
 
 
-def publish(partial: Path, final: Path) -> None:
+Keep = Callable[[Path], None]
+_REPLACING = threading.Lock()  # one replace at a time, across both servers' threads
+
+
+def replace_into(source: Path, target: Path, keep: Keep | None = None) -> None:
+    """``os.replace``, letting ``keep(target)`` first keep the file it replaces.
+
+    The same name delivered again replaces the earlier delivery, which may not have been
+    ingested yet: ``keep`` (the watcher's) links it aside first. Replaces are serialised,
+    so two uploads of one name cannot both replace before either is kept.
+    """
+    with _REPLACING:
+        if keep is not None and target.is_file() and not target.is_symlink():
+            try:
+                keep(target)
+            except Exception:  # the upload itself must not fail for it
+                log.exception("keeping %s before it is replaced failed", target)
+        os.replace(source, target)
+
+
+def publish(partial: Path, final: Path, keep: Keep | None = None) -> None:
     """Make a completed upload visible: stamp its delivery time, then rename it into place."""
     os.utime(partial)
-    os.replace(partial, final)
+    replace_into(partial, final, keep)
 
 
 def discard(partial: Path) -> None:

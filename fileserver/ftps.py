@@ -275,6 +275,15 @@ class DropFilesystem(AbstractedFS):
     def mkstemp(self, *args: Any, **kwargs: Any) -> Any:
         raise FilesystemError("STOU is not supported")
 
+    def rename(self, src: str, dst: str) -> None:
+        """RNTO: onto a file, it replaces it (the earlier delivery kept first); never onto a folder."""
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            raise FilesystemError("a folder of that name exists (replacing it would remove it)")
+        if os.path.lexists(dst):
+            drops.replace_into(Path(src), Path(dst), self.cmd_channel.owner.on_replacing)
+        else:
+            os.rename(src, dst)
+
     def rmdir(self, path: str) -> None:
         raise FilesystemError("removing folders is not allowed")
 
@@ -349,9 +358,9 @@ class Upload:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def publish(self) -> None:
+    def publish(self, keep: drops.Keep | None = None) -> None:
         self.close()
-        drops.publish(self.partial, self.final)
+        drops.publish(self.partial, self.final, keep)
         self.state = "published"
 
     def discard(self) -> None:
@@ -526,7 +535,7 @@ class _DataChannel(TLS_DTPHandler):
                 self._resp = (_write_failed_reply(upload.failure), _pyftpdlib_logger.warning)
         elif complete and outcome is None:
             try:
-                upload.publish()
+                upload.publish(self.cmd_channel.owner.on_replacing)
             except OSError as error:
                 self.transfer_finished = False
                 self._resp = (_write_failed_reply(error), _pyftpdlib_logger.error)
@@ -967,6 +976,7 @@ class FtpsServer:
         max_connections_per_ip: int = 10,
         idle_timeout: int = 300,
         on_published: Callable[[Path], None] | None = None,
+        on_replacing: drops.Keep | None = None,
         tls_session_resumption: SessionResumption = "enabled",
     ) -> None:
         if not passive_ports or passive_ports[0] < 1 or passive_ports[-1] > 65535:
@@ -982,6 +992,7 @@ class FtpsServer:
         self.users = users
         self.guard = guard
         self.on_published = on_published
+        self.on_replacing = on_replacing  # called before an upload or RNTO replaces a file
         self.tls_session_resumption: SessionResumption = tls_session_resumption
         self.stopping = False
         self.handlers: set[_ControlChannel] = set()

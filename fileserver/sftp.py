@@ -204,8 +204,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
         home: Path,
         max_upload_bytes: int | None,
         on_published: Callable[[Path], None] | None,
+        on_replacing: drops.Keep | None = None,
     ) -> None:
         super().__init__(chan)
+        self._on_replacing = on_replacing
         self._username = username
         self._home = home
         self._max = max_upload_bytes
@@ -299,7 +301,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPFileAlreadyExists(f"{drops.virtual(self._home, target)} exists")
             if stat.S_ISDIR(info.st_mode) or not target.is_file():
                 raise _deny("replacing a folder")
-            os.replace(source, target)
+            drops.replace_into(source, target, self._on_replacing)
         else:
             os.rename(source, target)
         log.info(
@@ -470,7 +472,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
                 raise asyncssh.SFTPFailure(f"{handle.name} not stored: {reason}")
             return
         try:
-            drops.publish(handle.partial, handle.final)
+            drops.publish(handle.partial, handle.final, self._on_replacing)
         except OSError as error:  # e.g. the folder was renamed meanwhile
             drops.discard(handle.partial)
             log.warning(
@@ -585,6 +587,7 @@ class _Settings:
     guard: Guard
     max_upload_bytes: int | None
     on_published: Callable[[Path], None] | None
+    on_replacing: drops.Keep | None
     connections: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     sessions: set[asyncio.Task[None]] = field(default_factory=set)  # running SFTP handlers
 
@@ -697,6 +700,7 @@ class _DropSSHServer(asyncssh.SSHServer):
             home=self._settings.users.home(username),
             max_upload_bytes=self._settings.max_upload_bytes,
             on_published=self._settings.on_published,
+            on_replacing=self._settings.on_replacing,
         )
 
 
@@ -718,18 +722,21 @@ async def start_sftp_server(
     certs_dir: Path,
     max_upload_bytes: int | None = None,
     on_published: Callable[[Path], None] | None = None,
+    on_replacing: drops.Keep | None = None,
 ) -> asyncssh.SSHAcceptor:
     """Listen for SFTP on ``host:port`` (0: any free port; see ``acceptor.sockets``).
 
     ``on_published(path)`` is called (on the event loop) each time a complete file
     appears under a final name: an upload the client closed, or a rename.
+    ``on_replacing(path)`` is called just before an upload or a rename replaces the file
+    at ``path`` (``drops.replace_into``).
     """
     if SFTPServerHandler._packet_handlers.get(FXP_CLOSE) is not SFTPServerHandler._process_close:
         # Without this hook no close could be told from a disconnect (see module doc).
         raise RuntimeError(
             f"asyncssh {asyncssh.__version__} dispatches SSH_FXP_CLOSE differently: update sftp.py"
         )
-    settings = _Settings(users, guard, max_upload_bytes, on_published)
+    settings = _Settings(users, guard, max_upload_bytes, on_published, on_replacing)
     acceptor = await asyncssh.create_server(
         lambda: _DropSSHServer(settings),
         host,

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,13 +53,17 @@ HOLD_SECONDS = 1.0  # longest the server keeps the database to itself while othe
 YIELD_SECONDS = 0.2  # then it lets go this long, so `meterdrop query` and the DuckDB CLI get in
 
 
-def _ingest_batch(config: ServeConfig, paths: list[Path], stopping: threading.Event | None = None) -> None:
+def _ingest_batch(
+    config: ServeConfig, paths: list[Path], stopping: threading.Event | None = None,
+    names: Callable[[Path], Path] | None = None,
+) -> list[Path]:  # fmt: skip
     """Ingest ready files, small ones in groups sharing a transaction (``Ingester.ingest_group``),
     letting go of the database every second so readers are not shut out.
 
     Once ``stopping`` is set (SIGTERM) no new slice starts: a burst's backlog could take a
-    minute, and the files left are still in the drop folder, not in the ledger, so the
-    next start's scan takes them.
+    minute, and the files left (returned) are still in the drop folder or kept by the
+    watcher, not in the ledger, so the next start takes them. ``names``: the watcher's
+    ``delivered``, the path the ledger records for each file.
     """
     remaining = list(paths)
     limits = Limits(max_file_bytes=config.max_file_bytes)
@@ -66,13 +71,13 @@ def _ingest_batch(config: ServeConfig, paths: list[Path], stopping: threading.Ev
         while remaining:
             if stopping is not None and stopping.is_set():
                 log.info("stopping: %d file(s) left for the next start", len(remaining))
-                return
+                return remaining
             with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
                             on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
                 ingester = Ingester(store, timezone=config.timezone, limits=limits, read_ahead=read_ahead)
                 deadline = time.monotonic() + HOLD_SECONDS
                 while True:  # at least one file per slice, however short the slice
-                    outcomes = ingester.ingest_group(remaining, until=deadline)
+                    outcomes = ingester.ingest_group(remaining, until=deadline, names=names)
                     del remaining[: len(outcomes)]
                     for outcome in outcomes:
                         _log_outcome(outcome)
@@ -80,6 +85,7 @@ def _ingest_batch(config: ServeConfig, paths: list[Path], stopping: threading.Ev
                         break
             if remaining:
                 time.sleep(YIELD_SECONDS)
+    return []
 
 
 def _log_outcome(outcome: Outcome) -> None:
@@ -101,20 +107,20 @@ async def serve(config: ServeConfig) -> None:
     if swept := sweep_partials(drop_root):
         log.info("removed %d unfinished upload(s) left by an earlier run", swept)
     stopping = threading.Event()
-    watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths, stopping))
+    watcher = DropWatcher(drop_root, lambda paths: _ingest_batch(config, paths, stopping, watcher.delivered))
     # Both servers bind their ports before anything starts: a port in use ends the start
     # with its reason, and no thread is left running (one left running aborted the exit).
     ftps = FtpsServer(
         host=config.host, port=config.ftps_port, passive_ports=config.passive_ports, users=users, guard=guard,
         certs_dir=config.certs_dir, public_host=config.public_host, max_upload_bytes=config.max_upload_bytes,
         max_connections_per_ip=config.max_connections_per_ip, idle_timeout=config.idle_timeout,
-        on_published=watcher.notify,
+        on_published=watcher.notify, on_replacing=watcher.keep,
     )  # fmt: skip
     sftp = None
     try:
         sftp = await start_sftp_server(
             host=config.host, port=config.sftp_port, users=users, guard=guard, certs_dir=config.certs_dir,
-            max_upload_bytes=config.max_upload_bytes, on_published=watcher.notify,
+            max_upload_bytes=config.max_upload_bytes, on_published=watcher.notify, on_replacing=watcher.keep,
         )  # fmt: skip
         ftps.start()
         watcher.start()  # uploads published before this wait in its queue, and its scan sees them

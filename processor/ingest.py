@@ -196,7 +196,13 @@ class Ingester:
         path = Path(os.path.abspath(path))
         return self._ingest(path, ledger_name(path), None, depth=0)
 
-    def ingest_group(self, paths: Sequence[Path], *, until: float | None = None) -> list[Outcome]:
+    def ingest_group(
+        self,
+        paths: Sequence[Path],
+        *,
+        until: float | None = None,
+        names: Callable[[Path], Path] | None = None,
+    ) -> list[Outcome]:
         """Ingest small files from the front of ``paths`` in one transaction; their outcomes.
 
         A transaction and a MERGE per table cost DuckDB a tenth of a second whatever the
@@ -208,13 +214,18 @@ class Ingester:
         one by one. The group ends at the first large file or ZIP (which go alone), at
         ``GROUP_BYTES`` or when ``until`` (a ``time.monotonic()``) has passed; at least
         one file is always taken. Should the group's merge fail, it is rolled back and
-        its files are ingested one at a time.
+        its files are ingested one at a time. ``names`` gives the path the ledger records
+        for a file read elsewhere (the watcher's link to a delivery).
         """
         if not paths:
             return []
+
+        def name_of(path: Path) -> str:
+            return ledger_name(names(path) if names is not None else path)
+
         first = Path(os.path.abspath(paths[0]))
         if _groupable_size(first) is None:
-            return [self.ingest(first)]
+            return [self._ingest(first, name_of(first), None, depth=0)]
         taken: list[Path] = []
         budget = GROUP_BYTES
         try:
@@ -230,7 +241,7 @@ class Ingester:
                         break
                     taken.append(path)
                     budget -= size or 0
-                    outcome = self._ingest(path, ledger_name(path), None, depth=0)
+                    outcome = self._ingest(path, name_of(path), None, depth=0)
                     outcomes.append(outcome)
                     if self.read_ahead is not None and outcome.status != "unchanged":
                         # New deliveries: the next ones are likely new too (a rescan's files,
@@ -238,7 +249,7 @@ class Ingester:
                         self.read_ahead.ahead(absolute[index + 1 :])
                 self._flush_pending()
         except duckdb.Error:
-            return [self.ingest(path) for path in taken]
+            return [self._ingest(path, name_of(path), None, depth=0) for path in taken]
         finally:
             self._pending = None
         return outcomes

@@ -29,12 +29,13 @@ keeps a file that always fails from holding up the others.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from watchdog.events import (
@@ -48,7 +49,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 log = logging.getLogger("meterdrop.watcher")
-Batch = Callable[[list[Path]], None]
+# Processes ready files; returns those it left for later (serve stopping), or None for none.
+Batch = Callable[[list[Path]], "Sequence[Path] | None"]
+PENDING = ".deliveries"  # under the drop root: a link to each replaced delivery until it is ingested
 
 
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".filepart", ".partial", ".crdownload")
@@ -56,7 +59,11 @@ RESCAN_BATCH = 100  # files of the start-up scan handed over at once, between fr
 
 
 def visible(path: Path, root: Path) -> bool:
-    """Not hidden anywhere below the drop root, and not a client's temporary name."""
+    """Not hidden anywhere below the drop root, not a client's temporary name, not a symlink.
+
+    A symlink planted in the drop folder (the servers refuse to make one) could point at
+    any file the server may read; it is never taken, nor is a file reached through one.
+    """
     try:
         parts = path.relative_to(root).parts
     except ValueError:
@@ -65,6 +72,8 @@ def visible(path: Path, root: Path) -> bool:
         bool(parts)
         and not any(part.startswith(".") for part in parts)
         and not parts[-1].lower().endswith(TEMPORARY_SUFFIXES)
+        and not path.is_symlink()
+        and os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
     )
 
 
@@ -121,6 +130,8 @@ class DropWatcher(FileSystemEventHandler):
         self._stop = threading.Event()
         self._observer = Observer()
         self._worker = threading.Thread(target=self._work, name="meterdrop-ingest", daemon=True)
+        self._pending = root / PENDING
+        self._snapshots = itertools.count()
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +141,10 @@ class DropWatcher(FileSystemEventHandler):
             event_filter=[FileCreatedEvent, FileMovedEvent, DirMovedEvent, FileClosedEvent],
         )  # fmt: skip
         self._observer.start()  # watch first, then scan: nothing falls between the two
+        # Deliveries published before a stop and not ingested yet: first, before the scan.
+        if self._pending.is_dir():
+            for path in sorted(p for p in self._pending.rglob("*") if p.is_file() and not p.is_symlink()):
+                self._ready.put(path)
         found = [(signature, path) for path in scan(self.root) if (signature := _signature(path)) is not None]
         found.sort(key=lambda item: (-item[0][1], str(item[1])))  # newest first
         self._rescan.extend(path for _, path in found)
@@ -151,6 +166,51 @@ class DropWatcher(FileSystemEventHandler):
             with self._lock:
                 self._quiet.pop(path, None)
             self._ready.put(path)
+
+    def keep(self, path: Path) -> None:
+        """A server is about to replace the delivery at ``path`` (the same name delivered again).
+
+        Its turn may not have come yet: an export job writing one name again and again lost
+        every delivery but the last. So the file is first hard-linked into ``PENDING`` and
+        the link handed over; the servers call this and then replace, one at a time. If the
+        delivery was ingested already, the ledger knows it (same path, size and time) and
+        the link costs one lookup. The link keeps the content and its delivery time.
+        """
+        if not visible(path, self.root) or not path.is_file():
+            return
+        target = self._pending / f"{time.time_ns():x}-{next(self._snapshots)}" / path.relative_to(self.root)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target, follow_symlinks=False)
+        except OSError as error:
+            log.warning("cannot keep %s before it is replaced (%s): if it was not ingested yet, it is lost",
+                        path, error.strerror or error)  # fmt: skip
+            self._remove_snapshot(target)
+            return
+        self._ready.put(target)
+
+    def delivered(self, path: Path) -> Path:
+        """The drop-folder path a file handed to ``process`` was delivered as (itself, or what its link keeps)."""
+        try:
+            relative = path.relative_to(self._pending)
+        except ValueError:
+            return path
+        return self.root.joinpath(*relative.parts[1:])
+
+    def _remove_snapshot(self, path: Path) -> None:
+        """Drop a link once its delivery is in the ledger, and the folders made for it."""
+        try:
+            relative = path.relative_to(self._pending)
+        except ValueError:
+            return
+        path.unlink(missing_ok=True)
+        folder = path.parent
+        while folder != self._pending and folder.is_relative_to(self._pending / relative.parts[0]):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
 
     # -- events ----------------------------------------------------------------------------
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -216,7 +276,7 @@ class DropWatcher(FileSystemEventHandler):
     def _attempt(self, paths: list[Path]) -> bool:
         """Process ``paths``; on failure, schedule each for a retry of its own and say so once."""
         try:
-            self.process(paths)
+            left = set(self.process(paths) or ())
         except Exception as error:  # the watcher must outlive a failing batch: try its files again later
             first = not any(p in self._retry for p in paths)
             delay = self._schedule(paths)
@@ -226,6 +286,8 @@ class DropWatcher(FileSystemEventHandler):
             return False
         for path in paths:
             self._retry.pop(path, None)
+            if path not in left:  # (left: stopping; its link stays for the next start)
+                self._remove_snapshot(path)
         return True
 
     def _schedule(self, paths: list[Path]) -> float:

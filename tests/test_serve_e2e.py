@@ -132,6 +132,34 @@ def test_deliveries_over_sftp_and_ftps_are_queryable_while_serving(served, tmp_p
     assert server.stop() == 0
 
 
+def test_the_same_name_delivered_three_times_in_a_row_gives_three_deliveries(served, tmp_path: Path) -> None:
+    """An export job writing one name again and again: no delivery may be lost to the next one."""
+    server, data, key = served
+    batch = tmp_path / "batch"
+    lines = []
+    for hour in (10, 11, 12):
+        export = tmp_path / f"h{hour}.csv"
+        export.write_text(
+            MEASUREMENTS_HEADER + f"\n7,Fan,2024-03-01T{hour}:00:00Z,60,1,HQ,1,230,230,1,{hour}\n"
+        )
+        lines.append(f"put {export} latest.csv")
+    batch.write_text("\n".join(lines) + "\n")
+    sftp = subprocess.run(
+        ["sftp", "-b", str(batch), "-i", str(key), "-P", str(server.sftp_port), "-oBatchMode=yes",
+         "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "acme@127.0.0.1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sftp.returncode == 0, sftp.stderr
+    ledger = wait_for_ledger(data, 3)
+    latest = str(data / "drop" / "acme" / "latest.csv")
+    assert [(r["path"], r["status"]) for r in ledger] == [(latest, "ingested")] * 3, "".join(server.log)
+    energy = meterdrop("query", "--data-dir", str(data), "--format", "csv",
+                       "SELECT energy_wh FROM panoramic_measurements ORDER BY measurement_time")  # fmt: skip
+    assert energy.stdout.splitlines() == ["energy_wh", "10.0", "11.0", "12.0"]
+    assert not any((data / "drop" / ".deliveries").iterdir())
+    assert server.stop() == 0
+
+
 def test_files_dropped_while_down_are_taken_at_start(tmp_path: Path) -> None:
     data = tmp_path / "data"
     meterdrop("users", "add", "acme", "--password-stdin", "--data-dir", str(data), stdin=PASSWORD + "\n")

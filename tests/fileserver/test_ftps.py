@@ -222,6 +222,27 @@ def test_ftplib_upload_is_published_with_identical_bytes(
     ftp.quit()
 
 
+def test_replacing_a_delivery_lets_it_be_kept_first(serve: Callable[..., Server], clients: Clients) -> None:
+    """STOR or RNTO onto an existing name: ``on_replacing`` sees the earlier delivery before it goes."""
+    kept: list[tuple[Path, bytes]] = []
+    server = serve(on_replacing=lambda path: kept.append((path, path.read_bytes())))
+    ftp = clients.tls(server)
+    report = server.home / "report.csv"
+    ftp.storbinary("STOR report.csv", io.BytesIO(b"first\n"))
+    assert kept == []  # nothing replaced
+    ftp.storbinary("STOR report.csv", io.BytesIO(b"second\n"))
+    ftp.storbinary("STOR other.csv", io.BytesIO(b"third\n"))
+    ftp.rename("other.csv", "report.csv")
+    assert kept == [(report, b"first\n"), (report, b"second\n")]
+    assert report.read_bytes() == b"third\n"
+    ftp.mkd("folder")
+    ftp.mkd("empty")
+    with pytest.raises(ftplib.error_perm, match=r"^550"):
+        ftp.rename("empty", "folder")  # replacing a folder would remove it
+    assert (server.home / "folder").is_dir() and (server.home / "empty").is_dir()
+    ftp.quit()
+
+
 def test_names_up_to_the_file_system_limit_upload(serve: Callable[..., Server], clients: Clients) -> None:
     server = serve()
     ftp = clients.tls(server)

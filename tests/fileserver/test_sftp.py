@@ -332,6 +332,28 @@ def test_asyncssh_client_password_upload_download_and_rename(
     assert server.published[-1] == home / "archive" / "meters.csv"
 
 
+def test_replacing_a_delivery_lets_it_be_kept_first(
+    users: UserStore, serve: Callable[..., SFTPServerThread]
+) -> None:
+    """An upload or posix-rename onto an existing name: ``on_replacing`` sees the earlier delivery first."""
+    kept: list[tuple[Path, bytes]] = []
+    server = serve(on_replacing=lambda path: kept.append((path, path.read_bytes())))
+    report = users.home(VENDOR) / "report.csv"
+
+    async def session() -> None:
+        async with connect(server.port) as conn, conn.start_sftp_client() as sftp:
+            for body in (b"first\n", b"second\n"):
+                async with sftp.open("report.csv", "wb") as upload:
+                    await upload.write(body)
+            async with sftp.open("other.csv", "wb") as upload:
+                await upload.write(b"third\n")
+            await sftp.posix_rename("other.csv", "report.csv")
+
+    run(session())
+    assert kept == [(report, b"first\n"), (report, b"second\n")]
+    assert report.read_bytes() == b"third\n"
+
+
 def test_names_up_to_the_file_system_limit_upload(
     users: UserStore, serve: Callable[..., SFTPServerThread]
 ) -> None:
