@@ -90,8 +90,10 @@ def _ingest_batch(
 
 def _log_outcome(outcome: Outcome) -> None:
     if outcome.status == "rejected":
-        log.warning("rejected %s: %s", outcome.path, outcome.detail)
-    elif outcome.status != "unchanged":
+        log.warning("rejected %s (%s): %s", outcome.path, outcome.format or "format unknown", outcome.detail)
+    elif outcome.status == "unchanged":  # a rescan's known files: thousands at a start, so only with -v
+        log.debug("unchanged %s (%s)", outcome.path, outcome.detail)
+    else:
         log.info("%s %s (%s, %d rows)", outcome.status, outcome.path, outcome.format, outcome.rows)
 
 

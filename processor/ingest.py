@@ -29,7 +29,7 @@ from processor import catalog, panoramic
 from processor.csvfile import BOM, HEADER_LIMIT, ONE_PIECE_BYTES, read_blocks, read_header
 from processor.errors import Rejected
 from processor.headers import normalise_all
-from processor.readahead import Prepared, ReadAhead, sha256_file
+from processor.readahead import Prepared, ReadAhead, Signature, sha256_file, signature
 from processor.store import DELIVERY_VERSION, GREENBUTTON_KEYS, PROVENANCE, UPDATED_VERSION, Delivery, Store
 from processor.timezones import system_timezone
 
@@ -62,6 +62,13 @@ TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO
 # (NotImplementedError), a corrupt stream (zlib.error, lzma.LZMAError, EOFError, BadZipFile).
 _MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError,
                   UnicodeDecodeError, OSError)  # fmt: skip
+
+
+CHANGED_TRIES = 3  # reads of a file that changes under the ingest before it is rejected
+
+
+class _ChangedWhileRead(Exception):
+    """The file changed between its hash and the end of its parse: that read is dropped."""
 
 
 def transient(error: BaseException) -> bool:
@@ -275,7 +282,25 @@ class Ingester:
             self.store.merge(table, rows, key, version)
 
     def _ingest(self, real: Path, name: str, delivered: datetime | None, *, depth: int) -> Outcome:
-        """One file; ``name`` is what the ledger calls it (``archive.zip!member`` for members)."""
+        """One file; ``name`` is what the ledger calls it (``archive.zip!member`` for members).
+
+        The file is read twice (hashed, then parsed): should it change in between (replaced
+        by hand, or rewritten in place), its ledger entry could name one content's hash
+        and hold the other's rows. Such a read is dropped and the file read again.
+        """
+        for _ in range(CHANGED_TRIES):
+            try:
+                return self._ingest_once(real, name, delivered, depth=depth)
+            except _ChangedWhileRead:
+                log.info("%s changed while it was read: reading it again", name)
+        try:
+            size = real.stat().st_size
+        except OSError:
+            size = 0
+        return self._reject_unread(name, size, delivered, f"kept changing while it was read ({CHANGED_TRIES} tries); "
+                                   "it is read again when it is delivered again or on the next run")  # fmt: skip
+
+    def _ingest_once(self, real: Path, name: str, delivered: datetime | None, *, depth: int) -> Outcome:
         try:
             info = real.stat()
             size = info.st_size
@@ -334,7 +359,7 @@ class Ingester:
             return self._ingest_archive(real, entry, known.id if known else None, depth)
         known_id = known.id if known else None
         if not _large_feed(head, size):
-            return self._store(real, name, head, size, entry, known_id, prepared)
+            return self._store(real, name, head, size, entry, known_id, signature(info), prepared)
         report, reported = self.on_rows, 0
 
         def counting(rows: int) -> None:
@@ -345,7 +370,7 @@ class Ingester:
         self.on_rows = counting
         try:  # a large feed is appended, settled, committed and checkpointed on a small budget
             with self.store.frugal():
-                return self._store(real, name, head, size, entry, known_id)
+                return self._store(real, name, head, size, entry, known_id, signature(info))
         except duckdb.OutOfMemoryException as error:
             # A settle that may replace many stored rows already lifts the budget (their
             # delete marks stay until COMMIT); should anything else outgrow it, the file is
@@ -355,13 +380,16 @@ class Ingester:
         finally:
             self.on_rows = report
         report(-reported)  # the second pass reports its rows again
-        return self._store(real, name, head, size, entry, known_id)
+        return self._store(real, name, head, size, entry, known_id, signature(info))
 
     def _store(
         self, real: Path, name: str, head: bytes, size: int, entry: Delivery, known_id: int | None,
-        prepared: Prepared | None = None,
+        read: Signature, prepared: Prepared | None = None,
     ) -> Outcome:  # fmt: skip
-        """Parse a new file and store its rows with its ledger entry, or reject it."""
+        """Parse a new file and store its rows with its ledger entry, or reject it.
+
+        ``read``: the file as it was when hashed; if it is not so any more, nothing is kept.
+        """
         held = len(self._pending) if self._pending is not None else 0
         try:
             with self.store.transaction():
@@ -370,9 +398,17 @@ class Ingester:
                     loaded = self._load_large_feed(real, name, head, size, file_id, entry.delivered_at)
                 else:
                     loaded = self._load(real, name, head, size, file_id, entry.delivered_at, prepared)
+                if signature(real.stat()) != read:
+                    raise _ChangedWhileRead
                 self.store.record(entry, file_id=file_id, status="ingested", format_name=loaded.format,
                                   rows=loaded.rows, error=None, note=loaded.note,
                                   timezone=loaded.timezone, retried=known_id is not None)  # fmt: skip
+        except _ChangedWhileRead:
+            if self._pending is not None:  # in a group, whose transaction goes on without this read
+                del self._pending[held:]
+                if _large_feed(head, size):
+                    self.store.con.execute("DELETE FROM greenbutton_intervals WHERE file_id = ?", [file_id])
+            raise
         except (Rejected, pl.exceptions.PolarsError, OSError) as error:
             if transient(error):  # a full disk is not the file's fault: it is tried again later
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -164,3 +165,46 @@ def test_rows_carry_the_ledgers_delivery_time_to_the_microsecond(tmp_path: Path,
     (row,) = store.con.execute("SELECT delivered_at FROM panoramic_measurements").fetchone()
     assert row == ledger
     assert (ledger.timestamp(), ledger.microsecond) == (1_700_000_000.123456, 123456)
+
+
+def _replacing_before_the_parse(monkeypatch, path: Path, new_lines: list[str], times: int) -> list[int]:
+    """Make ``read_blocks`` replace ``path`` (a new file, as an upload of the same name) before it reads."""
+    import processor.ingest as ingest_module
+
+    read_blocks, calls = ingest_module.read_blocks, []
+
+    def replacing(real, header, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) <= times:
+            fresh = path.with_name(f".fresh-{len(calls)}")
+            write_delivery(fresh, [new_lines[0], new_lines[1].replace(",9", f",{len(calls)}9")],
+                           at(f"2024-01-01 10:0{len(calls)}"))  # fmt: skip
+            os.replace(fresh, path)
+        return read_blocks(real, header, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "read_blocks", replacing)
+    return calls
+
+
+def test_a_file_replaced_between_its_hash_and_its_parse_is_read_again(
+    tmp_path: Path, store: Store, monkeypatch
+) -> None:
+    """The ledger's hash and the stored rows must come from the same content."""
+    lines = [MEASUREMENTS_HEADER, "1,dev,2024-01-01T08:00:00Z,15,1,site,1,230,2,1,9"]
+    path = write_delivery(tmp_path / "report.csv", lines, at("2024-01-01 10:00"))
+    calls = _replacing_before_the_parse(monkeypatch, path, lines, times=1)
+    outcome = Ingester(store).ingest(path)
+    assert (outcome.status, len(calls)) == ("ingested", 2)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert store.con.execute("SELECT sha256, rows FROM files").fetchall() == [(sha, 1)]
+    assert store.con.execute("SELECT energy_wh FROM panoramic_measurements").fetchall() == [(19.0,)]
+
+
+def test_a_file_that_keeps_changing_is_rejected_saying_so(tmp_path: Path, store: Store, monkeypatch) -> None:
+    lines = [MEASUREMENTS_HEADER, "1,dev,2024-01-01T08:00:00Z,15,1,site,1,230,2,1,9"]
+    path = write_delivery(tmp_path / "report.csv", lines, at("2024-01-01 10:00"))
+    _replacing_before_the_parse(monkeypatch, path, lines, times=99)
+    outcome = Ingester(store).ingest(path)
+    assert outcome.status == "rejected" and "kept changing while it was read" in (outcome.detail or "")
+    assert store.con.execute("SELECT count(*) FROM panoramic_measurements").fetchone() == (0,)
+    assert store.con.execute("SELECT path, status FROM files").fetchall() == [(str(path), "rejected")]
