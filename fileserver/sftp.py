@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -106,6 +107,7 @@ MAC_ALGS = (  # only used with the CTR ciphers; no SHA-1, no 64-bit tags
     "umac-128@openssh.com",
 )
 HOST_KEY_ALGS = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
+MAX_OPEN_UPLOADS = 64  # files one session may have open for writing at once
 # Signatures accepted from clients' keys (and advertised in server-sig-algs): no ssh-rsa
 # (SHA-1), no DSA.
 CLIENT_SIG_ALGS = (
@@ -163,6 +165,46 @@ class _Upload:
     started: float = field(default_factory=time.monotonic)
     failure: str | None = None  # set once a write was refused: never publish it
     received: int = 0  # bytes written so far, for the log
+    base: int | None = None  # the delivered file an open without truncation starts from, not copied yet
+
+    def materialize(self) -> None:
+        """Start the partial as a copy of the delivered file, the first time it is needed.
+
+        The copy was made at open: a client that opened a large delivery again and again
+        without writing made a copy each time (the disk filled) and stalled every session
+        while it ran. Now a handle never written costs nothing, and the copy is the
+        kernel's (``copy_file_range``) where it can.
+        """
+        base, self.base = self.base, None
+        if base is None:
+            return
+        try:
+            size, copied = os.fstat(base).st_size, 0
+            while copied < size:
+                try:
+                    step = os.copy_file_range(base, self.fd, size - copied, copied, copied)
+                except OSError as error:
+                    # (EBADF: the partial was opened O_APPEND, which copy_file_range refuses)
+                    if error.errno not in (
+                        errno.EXDEV,
+                        errno.ENOSYS,
+                        errno.EINVAL,
+                        errno.EOPNOTSUPP,
+                        errno.EBADF,
+                    ):
+                        raise
+                    step = os.pwrite(self.fd, os.pread(base, min(1 << 20, size - copied), copied), copied)
+                if step == 0:
+                    break
+                copied += step
+        finally:
+            os.close(base)
+
+    def release(self) -> None:
+        """Close the delivered file this upload would have started from, if still open."""
+        base, self.base = self.base, None
+        if base is not None:
+            os.close(base)
 
     def fail(self, reason: str) -> None:
         """Refuse the rest of this upload and give its space back at once.
@@ -171,6 +213,7 @@ class _Upload:
         the client closes the handle), and on a full disk every block counts.
         """
         self.failure = reason
+        self.release()
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
         drops.discard(self.partial)
@@ -187,8 +230,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     Writing to an existing file never touches it: the upload goes to a new partial and
     replaces the file atomically when the client closes it (like AWS Transfer Family's
-    overwrite); an open without truncation starts the partial as a copy of the file, so
-    resumed/appending clients see the semantics they asked for.
+    overwrite); an open without truncation starts the partial as a copy of the file, made
+    when the handle is first written or read, so resumed/appending clients see the
+    semantics they asked for (closed without either, it changes nothing). At most
+    ``MAX_OPEN_UPLOADS`` files are open for writing per session.
 
     A write that fails (the disk is full: ``ENOSPC``, answered as FX_FAILURE "No space
     left on device" in SFTP v3) or passes the size limit ends the upload: the partial is
@@ -241,7 +286,10 @@ class DropSFTPServer(asyncssh.SFTPServer):
         return os.lstat(self._real(path))
 
     def fstat(self, file_obj: object) -> os.stat_result:
-        return os.fstat(self._file(file_obj).fd)
+        handle = self._file(file_obj)
+        if isinstance(handle, _Upload):
+            handle.materialize()
+        return os.fstat(handle.fd)
 
     def statvfs(self, path: bytes) -> os.statvfs_result:
         return os.statvfs(self._real(path))
@@ -390,20 +438,24 @@ class DropSFTPServer(asyncssh.SFTPServer):
         flags = (
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else 0)
         )
-        fd = os.open(partial, flags, 0o644)
+        if sum(isinstance(handle, _Upload) for handle in self._open) >= MAX_OPEN_UPLOADS:
+            raise asyncssh.SFTPFailure(f"more than {MAX_OPEN_UPLOADS} files open for writing at once")
+        # The client modifies the delivered file: the partial starts from its content, copied
+        # when first needed (``_Upload.materialize``).
+        base = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC) if keep else None
         try:
-            if keep:  # the client modifies the delivered file: start from its content
-                with open(real, "rb") as source:
-                    while chunk := source.read(1 << 20):
-                        drops.write_all(fd, chunk)
+            fd = os.open(partial, flags, 0o644)
         except BaseException:
-            os.close(fd)
-            drops.discard(partial)
+            if base is not None:
+                os.close(base)
             raise
-        return _Upload(fd, partial, real, drops.virtual(self._home, real), append)
+        return _Upload(fd, partial, real, drops.virtual(self._home, real), append, base=base)
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
-        return os.pread(self._file(file_obj).fd, size, offset)
+        handle = self._file(file_obj)
+        if isinstance(handle, _Upload):
+            handle.materialize()
+        return os.pread(handle.fd, size, offset)
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         upload = self._file(file_obj)
@@ -411,6 +463,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
             raise asyncssh.SFTPPermissionDenied("file opened for reading")
         if upload.failure is not None:
             raise asyncssh.SFTPFailure(upload.failure)
+        try:
+            upload.materialize()
+        except OSError as error:
+            upload.fail(f"copy of the delivered file failed: {error.strerror or error}")
+            raise
         end = (os.fstat(upload.fd).st_size if upload.append else offset) + len(data)
         if self._max is not None and end > self._max:
             reason = f"upload refused: files are limited to {self._max} bytes"
@@ -449,11 +506,19 @@ class DropSFTPServer(asyncssh.SFTPServer):
         if isinstance(handle, _Download):
             os.close(handle.fd)
             return
+        untouched = handle.base is not None  # opened without truncation, never written or read
+        handle.release()
         try:
             size = os.fstat(handle.fd).st_size
         finally:
             os.close(handle.fd)
         seconds = time.monotonic() - handle.started
+        if untouched and handle.failure is None:
+            drops.discard(handle.partial)  # the delivered file is as it was: nothing to publish
+            log.info(
+                "sftp open user=%s path=%s closed without a write: unchanged", self._username, handle.name
+            )
+            return
         if not self.closing_by_client or handle.failure is not None:
             reason = handle.failure or "session ended before the client closed the file"
             drops.discard(handle.partial)

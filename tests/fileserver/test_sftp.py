@@ -27,7 +27,7 @@ import pytest
 import uvloop
 
 from fileserver.guard import Guard, GuardPolicy
-from fileserver.sftp import start_sftp_server, stop_sftp_server
+from fileserver.sftp import MAX_OPEN_UPLOADS, start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from tests.conftest import eventually
 
@@ -352,6 +352,38 @@ def test_replacing_a_delivery_lets_it_be_kept_first(
     run(session())
     assert kept == [(report, b"first\n"), (report, b"second\n")]
     assert report.read_bytes() == b"third\n"
+
+
+def test_opens_that_keep_the_content_copy_nothing_until_a_write(
+    users: UserStore, serve: Callable[..., SFTPServerThread]
+) -> None:
+    """Each such open once copied the whole file at once: opened eight times, a delivery filled the disk eightfold."""
+    server = serve()
+    home = users.home(VENDOR)
+    body = csv_bytes(2000, "big")
+
+    def used() -> int:
+        return sum(p.stat().st_size for p in home.rglob("*") if p.is_file())
+
+    async def session() -> None:
+        async with connect(server.port) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("big.csv", "wb") as upload:
+                await upload.write(body)
+            before, stamp = used(), (home / "big.csv").stat().st_mtime_ns
+            handles = [await sftp.open("big.csv", "r+b") for _ in range(8)]
+            assert used() == before  # nothing copied yet
+            for handle in handles:
+                await handle.close()
+            assert used() == before and (home / "big.csv").stat().st_mtime_ns == stamp  # not published again
+            async with sftp.open("big.csv", "r+b") as change:  # a write: the copy, then the change
+                assert await change.read(5) == body[:5]
+                await change.write(b"CHANGED", 0)
+            with pytest.raises(asyncssh.SFTPFailure, match="open for writing at once"):
+                [await sftp.open(f"many-{i}.csv", "wb") for i in range(MAX_OPEN_UPLOADS + 1)]
+
+    run(session())
+    assert (home / "big.csv").read_bytes() == b"CHANGED" + body[7:]
+    assert len(server.published) == 2
 
 
 def test_names_up_to_the_file_system_limit_upload(
