@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -173,20 +173,16 @@ def test_files_dropped_while_down_are_taken_at_start(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
-def test_a_backlog_lets_go_of_the_database_between_slices(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Readers must get in while the server works through many files (it once held it 81 s)."""
+def _backlog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_open: Callable[[Path], None]):  # type: ignore[no-untyped-def]
+    """serve's ingest loop with slices of no time at all over three files; ``on_open`` hears each open."""
     import meterdrop.serve as serving
     from processor.store import open_store
 
-    opened: list[Path] = []
-
-    def counting_open(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
-        opened.append(path)
+    def opening(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        on_open(path)
         return open_store(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(serving, "open_store", counting_open)
+    monkeypatch.setattr(serving, "open_store", opening)
     monkeypatch.setattr(serving, "HOLD_SECONDS", 0.0)
     monkeypatch.setattr(serving, "YIELD_SECONDS", 0.0)
     files = []
@@ -198,6 +194,17 @@ def test_a_backlog_lets_go_of_the_database_between_slices(
         data_dir=tmp_path, database=tmp_path / "db.duckdb", certs_dir=tmp_path / "certs", host="127.0.0.1",
         sftp_port=0, ftps_port=0, passive_ports=range(1, 2), public_host=None, max_upload_bytes=None, timezone=None,
     )  # fmt: skip
+    return serving, config, files
+
+
+def test_a_backlog_lets_go_of_the_database_between_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers must get in while the server works through many files (it once held it 81 s)."""
+    from processor.store import open_store
+
+    opened: list[Path] = []
+    serving, config, files = _backlog(tmp_path, monkeypatch, opened.append)
     serving._ingest_batch(config, files)
     assert len(opened) == 3  # one slice per file when a slice may last no time at all
     with open_store(tmp_path / "db.duckdb", read_only=True) as store:
@@ -208,29 +215,13 @@ def test_sigterm_during_a_backlog_leaves_the_rest_for_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A burst's backlog can take a minute; SIGTERM must not wait for all of it (exit within 10 s)."""
-    import meterdrop.serve as serving
     from processor.store import open_store
 
     stopping = threading.Event()
-
-    def open_then_stop(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
-        stopping.set()  # SIGTERM arrives while the first slice works
-        return open_store(path, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(serving, "open_store", open_then_stop)
-    monkeypatch.setattr(serving, "HOLD_SECONDS", 0.0)
-    monkeypatch.setattr(serving, "YIELD_SECONDS", 0.0)
-    files = []
-    for i in range(3):
-        path = tmp_path / f"f{i}.csv"
-        path.write_text(MEASUREMENTS_HEADER + f"\n{i},d,2024-03-01T09:00:00Z,60,1,HQ,1,230,230,1,230\n")
-        files.append(path)
-    config = serving.ServeConfig(
-        data_dir=tmp_path, database=tmp_path / "db.duckdb", certs_dir=tmp_path / "certs", host="127.0.0.1",
-        sftp_port=0, ftps_port=0, passive_ports=range(1, 2), public_host=None, max_upload_bytes=None, timezone=None,
-    )  # fmt: skip
+    serving, config, files = _backlog(tmp_path, monkeypatch, lambda path: stopping.set())  # SIGTERM mid-slice
     with caplog.at_level("INFO", logger="meterdrop"):
-        serving._ingest_batch(config, files, stopping)
+        left = serving._ingest_batch(config, files, stopping)
+    assert left == files[1:]
     assert "stopping: 2 file(s) left for the next start" in caplog.text
     with open_store(tmp_path / "db.duckdb", read_only=True) as store:
         assert store.con.execute("SELECT path FROM files").fetchall() == [(str(files[0]),)]
