@@ -16,7 +16,9 @@ arrived while meterdrop was down (the newest), must not wait behind it.  The ord
 not change the result: newest-wins compares delivery times, not processing order.
 Hidden names (a leading dot) are never taken: they are uploads in progress; nor are
 the temporary names upload clients write before renaming (``*.tmp``, ``*.part``,
-``*.filepart``, ``*.partial``, ``*.crdownload``).
+``*.filepart``, ``*.partial``, ``*.crdownload``), nor symlinks. A delivery that a server
+is about to replace (the same name delivered again) is first hard-linked into
+``drop/.deliveries/`` (``keep``) and ingested from there under its own path.
 
 A batch that fails (the processor raised: the disk holding the database is full, the
 database cannot be written) is not dropped until the next start: each of its files is
@@ -131,7 +133,7 @@ class DropWatcher(FileSystemEventHandler):
         self._observer = Observer()
         self._worker = threading.Thread(target=self._work, name="meterdrop-ingest", daemon=True)
         self._pending = root / PENDING
-        self._snapshots = itertools.count()
+        self._links = itertools.count()
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,14 +180,14 @@ class DropWatcher(FileSystemEventHandler):
         """
         if not visible(path, self.root) or not path.is_file():
             return
-        target = self._pending / f"{time.time_ns():x}-{next(self._snapshots)}" / path.relative_to(self.root)
+        target = self._pending / f"{time.time_ns():x}-{next(self._links)}" / path.relative_to(self.root)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.link(path, target, follow_symlinks=False)
         except OSError as error:
             log.warning("cannot keep %s before it is replaced (%s): if it was not ingested yet, it is lost",
                         path, error.strerror or error)  # fmt: skip
-            self._remove_snapshot(target)
+            self._remove_link(target)
             return
         self._ready.put(target)
 
@@ -197,7 +199,7 @@ class DropWatcher(FileSystemEventHandler):
             return path
         return self.root.joinpath(*relative.parts[1:])
 
-    def _remove_snapshot(self, path: Path) -> None:
+    def _remove_link(self, path: Path) -> None:
         """Drop a link once its delivery is in the ledger, and the folders made for it."""
         try:
             relative = path.relative_to(self._pending)
@@ -287,7 +289,7 @@ class DropWatcher(FileSystemEventHandler):
         for path in paths:
             self._retry.pop(path, None)
             if path not in left:  # (left: stopping; its link stays for the next start)
-                self._remove_snapshot(path)
+                self._remove_link(path)
         return True
 
     def _schedule(self, paths: list[Path]) -> float:

@@ -76,6 +76,15 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, Path, Path]]:
             server.stop()
 
 
+def sftp_batch(server: Server, key: Path, batch: Path) -> subprocess.CompletedProcess[str]:
+    """OpenSSH ``sftp -b`` as user acme with ``key``."""
+    return subprocess.run(
+        ["sftp", "-b", str(batch), "-i", str(key), "-P", str(server.sftp_port), "-oBatchMode=yes",
+         "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "acme@127.0.0.1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
 def wait_for_ledger(data: Path, count: int, deadline: float = 60) -> list[dict[str, object]]:
     """Poll the ledger through `meterdrop query` (while the server runs) until ``count`` files are in."""
     end = time.monotonic() + deadline
@@ -96,11 +105,7 @@ def test_deliveries_over_sftp_and_ftps_are_queryable_while_serving(served, tmp_p
     )
     batch = tmp_path / "batch"
     batch.write_text("mkdir Measurements\nput " + str(export) + " Measurements/export.csv\n")
-    sftp = subprocess.run(
-        ["sftp", "-b", str(batch), "-i", str(key), "-P", str(server.sftp_port), "-oBatchMode=yes",
-         "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "acme@127.0.0.1"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    sftp = sftp_batch(server, key, batch)
     assert sftp.returncode == 0, sftp.stderr
     xml = (
         SHARED
@@ -144,11 +149,7 @@ def test_the_same_name_delivered_three_times_in_a_row_gives_three_deliveries(ser
         )
         lines.append(f"put {export} latest.csv")
     batch.write_text("\n".join(lines) + "\n")
-    sftp = subprocess.run(
-        ["sftp", "-b", str(batch), "-i", str(key), "-P", str(server.sftp_port), "-oBatchMode=yes",
-         "-oStrictHostKeyChecking=no", "-oUserKnownHostsFile=/dev/null", "acme@127.0.0.1"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    sftp = sftp_batch(server, key, batch)
     assert sftp.returncode == 0, sftp.stderr
     ledger = wait_for_ledger(data, 3)
     latest = str(data / "drop" / "acme" / "latest.csv")
