@@ -108,6 +108,8 @@ MAC_ALGS = (  # only used with the CTR ciphers; no SHA-1, no 64-bit tags
 )
 HOST_KEY_ALGS = ("ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256")
 MAX_OPEN_UPLOADS = 64  # files one session may have open for writing at once
+# copy_file_range cannot here: another file system, an old kernel, an O_APPEND partial (EBADF)
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
 # Signatures accepted from clients' keys (and advertised in server-sig-algs): no ssh-rsa
 # (SHA-1), no DSA.
 CLIENT_SIG_ALGS = (
@@ -184,14 +186,7 @@ class _Upload:
                 try:
                     step = os.copy_file_range(base, self.fd, size - copied, copied, copied)
                 except OSError as error:
-                    # (EBADF: the partial was opened O_APPEND, which copy_file_range refuses)
-                    if error.errno not in (
-                        errno.EXDEV,
-                        errno.ENOSYS,
-                        errno.EINVAL,
-                        errno.EOPNOTSUPP,
-                        errno.EBADF,
-                    ):
+                    if error.errno not in _NO_COPY_RANGE:
                         raise
                     step = os.pwrite(self.fd, os.pread(base, min(1 << 20, size - copied), copied), copied)
                 if step == 0:
