@@ -330,6 +330,25 @@ def test_session_closing_with_queued_upload_leaves_nothing(
     assert server.published == []
 
 
+def test_upload_whose_control_connection_went_first_is_discarded(
+    serve: Callable[..., Server], clients: Clients
+) -> None:
+    """No 226 can reach a client that has gone: such an upload never counts (issue: only 226 counts)."""
+    server = serve()
+    ftp = clients.tls(server)
+    data = ftp.transfercmd("STOR gone.csv")
+    data.sendall(payload(200_000))
+    ftp.sock.shutdown(socket.SHUT_RDWR)  # the control connection ends first, abruptly
+    ftp.close()
+    eventually(lambda: not server.ftps.handlers, "the server to see the control connection end")
+    with contextlib.suppress(OSError):
+        data.unwrap()  # then the data connection ends cleanly, with close_notify
+    data.close()
+    eventually(lambda: hidden(server.home) == [], "the partial to be removed")
+    assert not (server.home / "gone.csv").exists()
+    assert server.published == []
+
+
 def test_empty_listings_and_empty_files_transfer_cleanly(
     serve: Callable[..., Server], clients: Clients
 ) -> None:
