@@ -18,5 +18,6 @@ VOLUME ["/data", "/certs"]
 EXPOSE 22 21 8192-8200
 
 # Binding ports below 1024 needs root in the container (or CAP_NET_BIND_SERVICE).
+# The address announced in PASV replies comes from METERDROP_PUBLIC_HOST (compose.yaml requires it).
 ENTRYPOINT ["meterdrop"]
 CMD ["serve", "--host", "0.0.0.0", "--sftp-port", "22", "--ftps-port", "21", "--passive-ports", "8192-8200"]

@@ -517,8 +517,9 @@ def _port_range(ctx: click.Context, param: click.Parameter, value: str) -> range
     help="FTPS passive data ports, FIRST-LAST; when all are busy a client gets 425.",
 )
 @click.option(
-    "--public-host", default=None, help="Address announced in PASV replies (behind NAT or in a container)."
-)
+    "--public-host", default=None, envvar="METERDROP_PUBLIC_HOST",
+    help="Address announced in PASV replies (behind NAT or in a container; env METERDROP_PUBLIC_HOST).",
+)  # fmt: skip
 @click.option(
     "--certs-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -597,7 +598,11 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
         # asyncssh's packet path runs about 20% faster on uvloop than on asyncio's own loop
         # (bench/README.md, "SFTP on uvloop").
         uvloop.run(run(config))
-    except (OSError, NotADatabase) as error:
+    except (
+        OSError,
+        ValueError,
+        NotADatabase,
+    ) as error:  # ValueError: a --public-host that is no IPv4 address
         raise click.ClickException(f"cannot start: {error}") from None
 
 
