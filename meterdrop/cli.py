@@ -579,7 +579,7 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
     import uvloop
 
     from fileserver.guard import GuardPolicy
-    from meterdrop.serve import ServeConfig
+    from meterdrop.serve import AlreadyServed, ServeConfig
     from meterdrop.serve import serve as run
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -598,11 +598,8 @@ def serve(data_dir: Path, db: Path | None, host: str, sftp_port: int, ftps_port:
         # asyncssh's packet path runs about 20% faster on uvloop than on asyncio's own loop
         # (bench/README.md, "SFTP on uvloop").
         uvloop.run(run(config))
-    except (
-        OSError,
-        ValueError,
-        NotADatabase,
-    ) as error:  # ValueError: a --public-host that is no IPv4 address
+    # ValueError: a --public-host that is no IPv4 address
+    except (OSError, ValueError, NotADatabase, AlreadyServed) as error:
         raise click.ClickException(f"cannot start: {error}") from None
 
 

@@ -9,13 +9,16 @@ so `meterdrop query` and the DuckDB CLI can read it between batches.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from fileserver.drops import sweep_partials
 from fileserver.ftps import FtpsServer
@@ -24,7 +27,7 @@ from fileserver.sftp import start_sftp_server, stop_sftp_server
 from fileserver.users import UserStore
 from processor.ingest import Ingester, Limits, Outcome
 from processor.readahead import ReadAhead
-from processor.store import open_store, refuse_other_files
+from processor.store import StoppedWaiting, open_store, refuse_other_files
 from processor.watcher import DropWatcher
 
 log = logging.getLogger("meterdrop")
@@ -72,8 +75,13 @@ def _ingest_batch(
             if stopping is not None and stopping.is_set():
                 log.info("stopping: %d file(s) left for the next start", len(remaining))
                 return remaining
-            with open_store(config.database, wait=config.db_wait, checkpoint_on_close=False,
-                            on_wait=lambda why: log.warning("database busy (%s); waiting", why)) as store:  # fmt: skip
+            try:
+                store = open_store(config.database, wait=config.db_wait, checkpoint_on_close=False, stop=stopping,
+                                   on_wait=lambda why: log.warning("database busy (%s); waiting", why))  # fmt: skip
+            except StoppedWaiting:  # another process holds the database, and SIGTERM came
+                log.info("stopping: %d file(s) left for the next start", len(remaining))
+                return remaining
+            with store:
                 ingester = Ingester(store, timezone=config.timezone, limits=limits, read_ahead=read_ahead)
                 deadline = time.monotonic() + HOLD_SECONDS
                 while True:  # at least one file per slice, however short the slice
@@ -97,8 +105,42 @@ def _log_outcome(outcome: Outcome) -> None:
         log.info("%s %s (%s, %d rows)", outcome.status, outcome.path, outcome.format, outcome.rows)
 
 
+class AlreadyServed(Exception):
+    """Another ``meterdrop serve`` runs on the same data dir."""
+
+
+def _serve_alone(data_dir: Path) -> IO[str]:
+    """Hold ``DATA_DIR/.serve.lock`` for this process's life; AlreadyServed if another has it.
+
+    A second server on the same data dir once swept the first one's uploads in progress
+    at its start (as partials left by a crash), even when it then failed to bind.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / ".serve.lock", "a+")  # noqa: SIM115 - held open until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise AlreadyServed(f"{data_dir} is already served by process {holder} (`meterdrop serve`)") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 async def serve(config: ServeConfig) -> None:
     """Run until SIGINT or SIGTERM."""
+    lock = _serve_alone(config.data_dir)  # first: the sweep below must never meet a running server
+    try:
+        await _serve(config)
+    finally:
+        lock.close()
+
+
+async def _serve(config: ServeConfig) -> None:
     users = UserStore(config.data_dir)
     guard = Guard(config.guard)
     config.certs_dir.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,10 @@ def held_by_another(error: BaseException) -> bool:
     return "Could not set lock on file" in text or "Conflicting lock is held" in text
 
 
+class StoppedWaiting(Exception):
+    """``open_store`` gave up waiting for the database because ``stop`` was set (SIGTERM)."""
+
+
 def open_store(
     path: Path | str,
     *,
@@ -242,11 +246,14 @@ def open_store(
     wait: float = 0.0,
     on_wait: Callable[[str], None] | None = None,
     checkpoint_on_close: bool = True,
+    stop: threading.Event | None = None,
 ) -> Store:
     """Open the database, waiting up to ``wait`` seconds while another process holds it.
 
     DuckDB allows one process per database file once a writer has it open; the server
     holds it only while it ingests, so a query or an ingest usually gets in quickly.
+    The wait ends with StoppedWaiting once ``stop`` is set: a server told to stop must
+    not wait an hour for a notebook to let go.
     """
     deadline = time.monotonic() + wait
     told = False
@@ -259,7 +266,10 @@ def open_store(
             if on_wait is not None and not told:
                 on_wait(str(error).splitlines()[0])
                 told = True
-            time.sleep(0.05)
+            if stop is None:
+                time.sleep(0.05)
+            elif stop.wait(0.05):
+                raise StoppedWaiting(str(error).splitlines()[0]) from None
 
 
 class Store:

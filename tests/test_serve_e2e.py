@@ -245,3 +245,53 @@ def test_a_port_in_use_ends_the_start_with_its_reason(tmp_path: Path, busy: str)
     assert result.returncode == 1, result.stderr
     assert "cannot start" in result.stderr and "in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_and_touches_nothing(served) -> None:
+    """It once swept the running server's uploads in progress at its start, even when it then failed."""
+    server, data, _ = served
+    in_progress = data / "drop" / "acme" / ".export.csv.part-0a1b2c3d"  # as a running upload's partial
+    in_progress.parent.mkdir(parents=True, exist_ok=True)
+    in_progress.write_text("half an upload")
+    passive = free_port_range(2)
+    second = meterdrop("serve", "--data-dir", str(data), "--host", "127.0.0.1", "--sftp-port", "0", "--ftps-port",
+                       "0", "--passive-ports", f"{passive.start}-{passive.stop - 1}",
+                       "--certs-dir", str(data / "certs"))  # fmt: skip
+    assert second.returncode == 1
+    assert f"cannot start: {data} is already served by process {server.process.pid}" in second.stderr
+    assert in_progress.read_text() == "half an upload"
+    assert server.stop() == 0
+
+
+def test_sigterm_while_another_process_holds_the_database_stops_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve waits for a DuckDB CLI or notebook holding the file, but not once it is told to stop."""
+    waiting, stopping = threading.Event(), threading.Event()
+    serving, config, files = _backlog(tmp_path, monkeypatch, lambda path: None)
+    import processor.store
+
+    def open_noting_the_wait(path: Path, **kwargs):  # type: ignore[no-untyped-def]
+        told = kwargs["on_wait"]
+        kwargs["on_wait"] = lambda why: (waiting.set(), told(why))
+        return processor.store.open_store(path, **kwargs)
+
+    monkeypatch.setattr(serving, "open_store", open_noting_the_wait)
+    processor.store.Store(config.database).close()  # the database exists, as it would
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+         "sys.stdin.read()", str(config.database)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        left: list[list[Path]] = []
+        worker = threading.Thread(target=lambda: left.append(serving._ingest_batch(config, files, stopping)))
+        worker.start()
+        assert waiting.wait(60), "serve never waited for the database"
+        stopping.set()  # SIGTERM
+        worker.join(10)
+        assert not worker.is_alive(), "serve kept waiting for the database after SIGTERM"
+        assert left == [files]
+    finally:
+        holder.communicate("")
