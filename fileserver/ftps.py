@@ -131,7 +131,7 @@ from pyftpdlib.servers import FTPServer
 from . import drops
 from .guard import Guard
 from .tlscert import ensure_certificate
-from .users import UserStore
+from .users import User, UserStore
 
 log = logging.getLogger("meterdrop.ftps")
 
@@ -533,6 +533,10 @@ class _DataChannel(TLS_DTPHandler):
             if self.transfer_finished:
                 self.transfer_finished = False
                 self._resp = (_write_failed_reply(upload.failure), _pyftpdlib_logger.warning)
+        elif complete and outcome is None and not self.cmd_channel.account_stands():
+            outcome = "account removed or changed during the upload"
+            self.transfer_finished = False
+            self._resp = ("550 Not stored: your account was removed or changed.", _pyftpdlib_logger.warning)
         elif complete and outcome is None:
             try:
                 upload.publish(self.cmd_channel.owner.on_replacing)
@@ -586,6 +590,7 @@ class _ControlChannel(TLS_FTPHandler):
 
     def __init__(self, conn: socket.socket, server: Any, ioloop: Any = None) -> None:
         self.uploads: dict[str, Upload] = {}
+        self._account: User | None = None  # the account as it was at login
         self._paused = False  # a login is being checked: hold further commands
         self._held: deque[list[bytes] | None] = deque()  # None: a line that was too long
         self._overlong = False  # the line being read passed MAX_COMMAND_BYTES: drop it whole
@@ -684,7 +689,20 @@ class _ControlChannel(TLS_FTPHandler):
         while self._held and not self._paused and not self._closed and not self._closing:
             self._run_line(self._held.popleft())
 
+    def account_stands(self) -> bool:
+        """The account this session logged in with is unchanged (not removed, same password and keys)."""
+        return self._account is not None and self.owner.users.get(self._account.name) == self._account
+
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
+        if self.authenticated and cmd != "QUIT" and not self.account_stands():
+            # `meterdrop users remove` or `passwd` revokes what the session was let in with.
+            self.respond("530 Your account was removed or changed: log in again.")
+            self.log_cmd(cmd, arg, 530, "account removed or changed")
+            log.warning(
+                "ftps %s: user %s ended: account removed or changed", self.client_address, self.username
+            )
+            self.close_when_done()
+            return
         name = f"SITE {arg.split(' ')[0].upper()}" if cmd == "SITE" and arg else cmd
         reply = REFUSED_COMMANDS.get(name)
         if reply is not None:
@@ -788,6 +806,7 @@ class _ControlChannel(TLS_FTPHandler):
         if accepted:
             self.owner.guard.succeeded(self.client_address)
             self.username = username
+            self._account = self.owner.users.get(username)
             home = self.authorizer.get_home_dir(username)
             log.info("ftps %s: user %s logged in", self.client_address, username)
             self._resume()

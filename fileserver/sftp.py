@@ -245,9 +245,11 @@ class DropSFTPServer(asyncssh.SFTPServer):
         max_upload_bytes: int | None,
         on_published: Callable[[Path], None] | None,
         on_replacing: drops.Keep | None = None,
+        account_stands: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__(chan)
         self._on_replacing = on_replacing
+        self._account_stands = account_stands
         self._username = username
         self._home = home
         self._max = max_upload_bytes
@@ -323,6 +325,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     # -- changing the tree ----------------------------------------------------------------
     def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._still_allowed()
         os.mkdir(self._real(path), 0o755)  # requested permissions are ignored
 
     def rename(self, oldpath: bytes, newpath: bytes) -> None:
@@ -333,6 +336,7 @@ class DropSFTPServer(asyncssh.SFTPServer):
 
     def _rename(self, oldpath: bytes, newpath: bytes, *, replace: bool) -> None:
         """Rename within the folder; the classic RENAME never replaces an existing name."""
+        self._still_allowed()
         source, target = self._real(oldpath), self._real(newpath)
         if self._home in (source, target):
             raise _deny("renaming the top folder")
@@ -391,12 +395,19 @@ class DropSFTPServer(asyncssh.SFTPServer):
         raise _deny("reading symlinks")
 
     # -- files ------------------------------------------------------------------------------
+    def _still_allowed(self) -> None:
+        """`meterdrop users remove` or `passwd` revokes what this session was let in with."""
+        if not self._account_stands():
+            log.warning("sftp user=%s refused: account removed or changed since login", self._username)
+            raise asyncssh.SFTPPermissionDenied("your account was removed or changed: log in again")
+
     def _file(self, file_obj: object) -> _Upload | _Download:
         if not isinstance(file_obj, _Upload | _Download):  # pragma: no cover - asyncssh passes ours
             raise asyncssh.SFTPInvalidHandle("not a file handle")
         return file_obj
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        self._still_allowed()
         real = self._real(path)
         if pflags & (asyncssh.FXF_WRITE | asyncssh.FXF_APPEND):
             handle: _Upload | _Download = self._open_upload(real, pflags)
@@ -508,6 +519,8 @@ class DropSFTPServer(asyncssh.SFTPServer):
         finally:
             os.close(handle.fd)
         seconds = time.monotonic() - handle.started
+        if self.closing_by_client and handle.failure is None and not self._account_stands():
+            handle.failure = "the account was removed or changed during the upload"
         if untouched and handle.failure is None:
             drops.discard(handle.partial)  # the delivered file is as it was: nothing to publish
             log.info(
@@ -754,6 +767,8 @@ class _DropSSHServer(asyncssh.SSHServer):
 
     def _make_sftp_server(self, chan: SSHChannel[bytes]) -> DropSFTPServer:
         username = str(chan.get_extra_info("username"))
+        users = self._settings.users
+        account = users.get(username)  # as it was at login
         return DropSFTPServer(
             cast(asyncssh.SSHServerChannel[bytes], chan),
             username=username,
@@ -761,6 +776,7 @@ class _DropSSHServer(asyncssh.SSHServer):
             max_upload_bytes=self._settings.max_upload_bytes,
             on_published=self._settings.on_published,
             on_replacing=self._settings.on_replacing,
+            account_stands=lambda: account is not None and users.get(username) == account,
         )
 
 

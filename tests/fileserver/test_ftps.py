@@ -243,6 +243,26 @@ def test_replacing_a_delivery_lets_it_be_kept_first(serve: Callable[..., Server]
     ftp.quit()
 
 
+def test_a_changed_or_removed_account_ends_its_open_session(
+    serve: Callable[..., Server], clients: Clients, users: UserStore
+) -> None:
+    """`meterdrop users passwd` and `remove` revoke a leaked credential: open sessions too, not only new logins."""
+    server = serve()
+    ftp = clients.tls(server)
+    assert ftp.storbinary("STOR before.csv", io.BytesIO(b"delivered before\n")).startswith("226")
+    data = ftp.transfercmd("STOR during.csv")
+    data.sendall(b"half an upload\n")
+    users.remove(VENDOR)
+    data.unwrap()
+    data.close()
+    with pytest.raises(ftplib.error_perm, match=r"^550 Not stored: your account was removed or changed"):
+        ftp.voidresp()
+    with pytest.raises(ftplib.error_perm, match=r"^530 Your account was removed or changed"):
+        ftp.storbinary("STOR after.csv", io.BytesIO(b"x\n"))
+    assert sorted(p.name for p in server.home.iterdir()) == ["before.csv"]
+    assert server.published == [server.home / "before.csv"]
+
+
 def test_names_up_to_the_file_system_limit_upload(serve: Callable[..., Server], clients: Clients) -> None:
     server = serve()
     ftp = clients.tls(server)

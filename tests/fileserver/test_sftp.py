@@ -386,6 +386,32 @@ def test_opens_that_keep_the_content_copy_nothing_until_a_write(
     assert len(server.published) == 2
 
 
+def test_a_changed_or_removed_account_ends_what_its_open_session_may_do(
+    users: UserStore, serve: Callable[..., SFTPServerThread]
+) -> None:
+    """`meterdrop users passwd` and `remove` revoke a leaked credential: open sessions too, not only new logins."""
+    server = serve()
+    home = users.home(VENDOR)
+
+    async def session() -> None:
+        async with connect(server.port) as conn, conn.start_sftp_client() as sftp:
+            async with sftp.open("before.csv", "wb") as upload:
+                await upload.write(b"delivered before\n")
+            during = await sftp.open("during.csv", "wb")
+            await during.write(b"half an upload\n")
+            users.set_password(VENDOR, "a new long passphrase")
+            with pytest.raises(asyncssh.SFTPFailure, match="account was removed or changed"):
+                await during.close()  # an upload the old password let in is not published
+            with pytest.raises(asyncssh.SFTPPermissionDenied, match="account was removed or changed"):
+                await sftp.open("after.csv", "wb")
+            with pytest.raises(asyncssh.SFTPPermissionDenied):
+                await sftp.mkdir("folder")
+
+    run(session())
+    assert sorted(p.name for p in home.iterdir()) == ["before.csv"]
+    assert server.published == [home / "before.csv"]
+
+
 def test_names_up_to_the_file_system_limit_upload(
     users: UserStore, serve: Callable[..., SFTPServerThread]
 ) -> None:
